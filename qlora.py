@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Fine-tune a causal LM with QLoRA (4-bit NF4 + LoRA) on train_retain + train_forget, so that
+it memorises the data it will later unlearn. Saves the adapter, tokenizer, config, metrics on
+the four splits and a manifest into one run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import get_peft_model
+
+from utils import cli
+from utils.data import prepare_splits, training_set
+from utils.evaluation import evaluate_splits, format_table
+from utils.forward import label_logits
+from utils.losses import ce_per_sample
+from utils.models import (
+    load_model,
+    load_tokenizer,
+    lora_config,
+    lora_target_modules,
+    prepare_for_training,
+    resolve_model,
+    select_device,
+    weights_hash,
+)
+from utils.runs import atomic_run_dir, check_output, default_run_name, run_manifest, save_run
+from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.training import TrainConfig, seed_everything, train
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_data_args(p)
+    cli.add_model_args(p)
+    g = p.add_argument_group("LoRA and quantisation")
+    g.add_argument("--lora_rank", type=int, default=16, help="LoRA rank r")
+    g.add_argument("--lora_alpha", type=int, default=64, help="LoRA scaling alpha")
+    g.add_argument("--lora_dropout", "--lora_fropout", type=float, default=0.1, help="LoRA dropout (--lora_fropout, the published README's spelling, is accepted too)")
+    g.add_argument("--lora_bias", default="none", choices=["none", "all", "lora_only"], help="which biases LoRA trains")
+    g.add_argument("--no_quantize", action="store_true", help="train LoRA on the full-precision model instead of 4-bit NF4")
+    cli.add_train_args(p, lr=1e-4, epochs=10, warmup=0.05)
+    cli.add_output_args(p)
+    return p
+
+
+def label_ce(model, batch):
+    """Cross-entropy on the label token(s) only, averaged per sample then over the batch."""
+    loss = ce_per_sample(label_logits(model, batch), batch["label_ids"]).mean()
+    return loss, {"ce": loss.item()}
+
+
+@cli.entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.check_common(args)
+    if args.lora_rank < 1 or args.lora_dropout < 0 or args.lora_dropout >= 1:
+        raise cli.UsageError("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
+    out = Path(args.output_path or Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "qlora"))
+    check_output(out, args.overwrite)
+    seed_everything(args.seed)
+
+    splits = prepare_splits(args)
+    model_path = resolve_model(args.model_name)
+    tokenizer = load_tokenizer(model_path, args.set_pad_id)
+    encoder = Encoder(tokenizer, args.max_length)
+    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+
+    device = select_device()
+    model, quantized = load_model(model_path, device, quantize=not args.no_quantize)
+    model = prepare_for_training(model, quantized, device)
+    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_bias, lora_target_modules(model))
+    model = get_peft_model(model, lora)
+    print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
+
+    features = training_set(encoder, splits, args.seed)
+    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed)
+    stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
+    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device)
+
+    with atomic_run_dir(out, args.overwrite) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        manifest = run_manifest(
+            "qlora", args, model_path, splits,
+            quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
+        )
+        save_run(tmp, args, metrics, manifest, stats.as_dict())
+    print(format_table({"QLoRA": metrics}))
+    print(f"run folder: {out}")
+
+
+if __name__ == "__main__":
+    main()

