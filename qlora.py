@@ -68,7 +68,7 @@ def main(argv=None):
     device = select_device()
     model, quantized = load_model(model_path, device, quantize=not args.no_quantize)
     model = prepare_for_training(model, quantized, device)
-    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_bias, lora_target_modules(model))
+    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_bias, target_modules=lora_target_modules(model))
     model = get_peft_model(model, lora)
     print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
 
