@@ -325,7 +325,7 @@ def test_merge_lora_matches_unmerged_adapter(tmp_path):
 
     fresh_base = models.tiny_llama(60, seed=1)
     before = logits(fresh_base, ids)
-    merged = models.merge_lora(fresh_base, str(tmp_path / "adapter"))
+    merged = models.merge_lora(fresh_base, tmp_path / "adapter")  # a Path works too
     merged.eval()
     after = logits(merged, ids)
     assert not hasattr(merged, "peft_config")

@@ -222,7 +222,7 @@ def load_tokenizer(path: str, set_pad_id: bool = False):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None or set_pad_id:
         if tokenizer.eos_token is None:
@@ -255,7 +255,7 @@ def load_model(path: str, device: torch.device, quantize: bool = False, dtype=No
 def load_full_precision(path: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
 
 
 def load_4bit(path: str, device: torch.device, dtype: torch.dtype):
@@ -269,7 +269,7 @@ def load_4bit(path: str, device: torch.device, dtype: torch.dtype):
         bnb_4bit_compute_dtype=dtype,
     )
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quantization, dtype=dtype, device_map={"": device}
+        str(path), quantization_config=quantization, dtype=dtype, device_map={"": device}
     )
 
 
@@ -377,7 +377,7 @@ def merge_lora(base_model, adapter_dir: str):
 
     if is_quantized_4bit(base_model):
         raise ValueError("merge_lora needs a full-precision base model, not a 4-bit one")
-    return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------
