@@ -53,10 +53,6 @@ DATASETS = {
 DEFAULT_DATASET = "rt"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SPUL_CACHE", Path.home() / ".cache" / "spul"))
-
-
 def _split_file(folder: Path, split: str) -> Path | None:
     for ext in EXTENSIONS:
         if (folder / f"{split}{ext}").is_file():
@@ -136,6 +132,7 @@ def locate(dataset: str, data_dir: str | None = None, data_root: str | None = No
             if (Path(root) / sub).is_dir():
                 return Path(root) / sub
     if spec.embedded:
+        from utils.models import cache_root
         from utils.splits import ensure_embedded_rt
 
         return ensure_embedded_rt(cache_root())
