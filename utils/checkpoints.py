@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from utils.models import load_model, load_tokenizer, merge_lora, resolve_model
+from utils.baselines import load_baseline
 from utils.runs import read_manifest
 
 
@@ -31,7 +32,7 @@ def load_qlora(run_dir: Path, manifest: dict, device) -> Loaded:
     return Loaded(model.eval(), load_tokenizer(run_dir / "tokenizer"), manifest, model_path)
 
 
-LOADERS = {"qlora": load_qlora}
+LOADERS = {"qlora": load_qlora, "baseline": load_baseline}
 
 
 def load_run(run_dir, device, flag: str = "--model_checkpoints", kinds: tuple[str, ...] | None = None) -> Loaded:

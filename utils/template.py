@@ -9,7 +9,8 @@ A batch (shared by qlora.py, spul.py and baselines.py) is a dict of tensors:
 - ``label_pos``: (B, K) the index of the token that *predicts* each label token
   (the label token's own index minus one), 0 where ``label_ids`` is -100;
 - ``is_forget``: (B,) bool; ``label``: (B,) the true class index (for metrics);
-- ``num_tokens``: (B,) real (non-pad) lengths.
+- ``num_tokens``: (B,) real (non-pad) lengths;
+- ``index``: (B,) each sample's ``index`` field (its key into per-sample caches), -1 if absent.
 """
 from __future__ import annotations
 
@@ -100,4 +101,5 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "is_forget": torch.tensor([bool(f.get("is_forget", False)) for f in features]),
         "label": torch.tensor([int(f["label"]) for f in features]),
         "num_tokens": attention_mask.sum(1),
+        "index": torch.tensor([int(f.get("index", -1)) for f in features]),
     }

@@ -1,0 +1,422 @@
+"""Fine-tuning unlearning baselines: one small loss per method, a registry, the frozen
+reference they need, and saving/loading their run folders.
+
+Every loss is a pure function ``(logits, batch, ref, weights) -> (loss, {term: float})`` on
+label-position logits (B, K, V) (see ``utils.forward.label_logits``) and the batch fields
+``label_ids`` and ``is_forget``; ``ref`` is a :class:`RefBatch` (the frozen pre-unlearning
+model's view of the same samples) and ``weights`` a :class:`Weights`. Forget and retain samples
+mix in the same shuffled batches; each term is averaged over its own samples in the batch and
+is 0 when the batch has none (``masked_mean``).
+
+The reference
+-------------
+GA+KL needs the frozen model's label distribution on retain samples and NPO its log-probability
+of the true label sequence on forget samples. Full fine-tuning moves every weight, so the
+reference is captured *before* training, in one no-grad pass over the samples that need it, and
+kept in a :class:`ReferenceStore` keyed by sample index (the ``index`` field of a batch), so
+shuffled batches look their entries up. No second model is ever held in memory:
+
+- NPO: one fp32 log-probability per forget sample (exact).
+- KL: per retain label position, the reference's top-k log-probabilities (fp16), their token
+  ids (int32) and the log of the remaining tail mass (fp32). The KL is then taken between the
+  two *coarse-grained* distributions over k+1 cells (the reference's top-k tokens, one cell
+  each, and one cell for all other tokens):
+  ``KL_k = sum_{i in top-k} p(i) log(p(i)/q(i)) + p(tail) log(p(tail)/q(tail))``, with ``p`` the
+  reference and ``q`` the current model. By the log-sum inequality ``KL_k <= KL`` (the
+  full-vocabulary KL(ref || cur)); they are equal when the current model's distribution over the
+  tail tokens is proportional to the reference's (in particular at the start of training), and
+  the gap is at most ``p(tail) * KL(p(.|tail) || q(.|tail))``. ``kl_topk=0`` stores the full
+  fp32 log-distribution instead (exact, V*4 bytes per label position).
+
+With ``--lora`` the reference is the same model with its adapter disabled (:class:`AdapterOffReference`):
+exact, no cache, one extra no-grad forward per batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from utils.forward import label_logits, to_device
+from utils.losses import ce_per_sample, kl_per_sample, masked_mean, sequence_logprob
+from utils.template import IGNORE, collate
+
+# ---------------------------------------------------------------------------------------------
+# Reference distributions (what a loss sees of the frozen model for one batch)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FullDist:
+    """The reference's full-vocabulary logits (or log-probs) at the label positions, (B, K, V)."""
+
+    logits: torch.Tensor
+
+    def kl(self, logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """KL(reference || current) per sample, averaged over its label tokens, (B,)."""
+        return kl_per_sample(self.logits, logits, label_ids)
+
+
+def coarse_kl(top_logp, top_idx, tail_logp, logits) -> torch.Tensor:
+    """KL between the reference and current distributions coarse-grained to k+1 cells (the
+    reference's top-k tokens and one tail cell), per position: inputs (..., k), (..., k),
+    (...), (..., V); output (...). The stored reference cells are renormalised (fp16 rounding)."""
+    cur = F.log_softmax(logits.float(), dim=-1)
+    idx = top_idx.long()
+    cur_top = cur.gather(-1, idx)
+    cur_tail = torch.logsumexp(cur.scatter(-1, idx, float("-inf")), dim=-1)
+    ref = F.log_softmax(torch.cat([top_logp.float(), tail_logp.float().unsqueeze(-1)], -1), dim=-1)
+    q = torch.cat([cur_top, cur_tail.unsqueeze(-1)], -1)
+    return (ref.exp() * (ref - q)).sum(-1)
+
+
+@dataclass
+class TopKDist:
+    """Compact reference: top-k log-probs (B, K, k), their ids (B, K, k), tail log-mass (B, K)."""
+
+    top_logp: torch.Tensor
+    top_idx: torch.Tensor
+    tail_logp: torch.Tensor
+
+    def kl(self, logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        per_pos = coarse_kl(self.top_logp, self.top_idx, self.tail_logp, logits)
+        valid = (label_ids != IGNORE).float()
+        return (per_pos * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+@dataclass
+class RefBatch:
+    """The frozen model on one batch: ``logprob`` (B,) = log pi_ref(y|x) of the batch's label
+    sequences (needed on forget samples), ``dist`` its label-position distribution (retain)."""
+
+    logprob: torch.Tensor | None = None
+    dist: FullDist | TopKDist | None = None
+
+
+@dataclass(frozen=True)
+class Weights:
+    retain: float = 1.0  # weight of the retain term (CE or KL); 0 drops it
+    npo_beta: float = 0.1  # NPO's inverse temperature
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _forget_ce(logits, batch):
+    return masked_mean(ce_per_sample(logits, batch["label_ids"]), batch["is_forget"])
+
+
+def gradient_ascent(logits, batch, ref, weights):
+    """-CE(true label) on forget samples."""
+    ce = _forget_ce(logits, batch)
+    return -ce, {"forget_ce": ce.item()}
+
+
+def random_label(logits, batch, ref, weights):
+    """CE toward the generic label on forget samples (``label_ids`` already hold it)."""
+    ce = _forget_ce(logits, batch)
+    return ce, {"forget_ce_generic": ce.item()}
+
+
+def gradient_ascent_kl(logits, batch, ref, weights):
+    """-CE on forget samples + w * KL(reference || current) on retain samples."""
+    ce = _forget_ce(logits, batch)
+    # no distribution when the KL weight is 0 (then the method trains on the forget set only)
+    kl = masked_mean(ref.dist.kl(logits, batch["label_ids"]), ~batch["is_forget"]) if ref.dist is not None else logits.new_zeros(())
+    return -ce + weights.retain * kl, {"forget_ce": ce.item(), "retain_kl": kl.item()}
+
+
+def gradient_ascent_descent(logits, batch, ref, weights):
+    """-CE on forget samples + w * CE on retain samples."""
+    ce = _forget_ce(logits, batch)
+    rce = masked_mean(ce_per_sample(logits, batch["label_ids"]), ~batch["is_forget"])
+    return -ce + weights.retain * rce, {"forget_ce": ce.item(), "retain_ce": rce.item()}
+
+
+def npo_per_sample(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """(2/beta) * log(1 + (pi/pi_ref)^beta) = -(2/beta) * logsigmoid(-beta * (logp - ref_logp))."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp.to(logp.dtype)))
+
+
+def npo(logits, batch, ref, weights):
+    """NPO on forget samples (y = the true label sequence) + w * CE on retain samples."""
+    forget = batch["is_forget"]
+    logp = sequence_logprob(logits, batch["label_ids"])
+    ref_logp = torch.where(forget, ref.logprob, logp.detach())  # entries exist for forget samples only
+    loss_f = masked_mean(npo_per_sample(logp, ref_logp, weights.npo_beta), forget)
+    rce = masked_mean(ce_per_sample(logits, batch["label_ids"]), ~forget)
+    return loss_f + weights.retain * rce, {"forget_npo": loss_f.item(), "retain_ce": rce.item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One baseline: its loss, and what it trains on and needs.
+
+    Retain samples are in the training set iff the method has a retain term and its weight
+    is > 0 (GA and RL see only the forget set, as in the paper)."""
+
+    loss: Callable
+    help: str
+    retain_term: str | None = None  # name of the weighted retain/KL term, None if none
+    default_weight: float = 0.0  # default of --retain_weight
+    relabel_forget: bool = False  # forget samples carry generic labels
+    ref_logprob: bool = False  # needs log pi_ref(y|x) on forget samples
+    ref_dist: bool = False  # needs the reference label distribution on retain samples
+
+    def trains_on_retain(self, weight: float) -> bool:
+        return self.retain_term is not None and weight > 0
+
+
+METHODS: dict[str, Method] = {
+    "gradient_ascent": Method(gradient_ascent, "GA: minus the CE of the true label on forget samples (forget set only)"),
+    "random_label": Method(
+        random_label, "RL: CE toward a seeded generic label (neutral/unknown) on forget samples (forget set only)",
+        relabel_forget=True,
+    ),
+    "gradient_ascent_kl": Method(
+        gradient_ascent_kl,
+        "GA+KL: minus forget CE + w * KL(reference || current) at the label position of retain samples (forget + retain)",
+        retain_term="KL", default_weight=1.0, ref_dist=True,
+    ),
+    "gradient_ascent_descent": Method(
+        gradient_ascent_descent, "GA+GD: minus forget CE + w * retain CE (forget + retain)",
+        retain_term="CE", default_weight=1.0,
+    ),
+    "npo": Method(
+        npo,
+        "NPO (Zhang et al. 2024): (2/beta) log(1 + (pi(y|x)/pi_ref(y|x))^beta) on forget samples, "
+        "+ w * retain CE (default w=0: plain NPO on the forget set; w>0 is NPO+RT)",
+        retain_term="CE", default_weight=0.0, ref_logprob=True,
+    ),
+}
+
+
+def methods_help() -> str:
+    return "; ".join(f"{name}: {m.help}" for name, m in METHODS.items())
+
+
+def select_features(method: Method, features: list[dict], weight: float) -> list[dict]:
+    """The samples a method trains on, each tagged with its ``index`` in the returned list."""
+    keep = [f for f in features if f["is_forget"] or method.trains_on_retain(weight)]
+    return [{**f, "index": i} for i, f in enumerate(keep)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference store (full fine-tuning) and adapter-off reference (--lora)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceStore:
+    """What the losses need of the frozen model, captured before training, keyed by sample
+    index. Entries live in compact row tensors; ``row[index]`` is -1 for samples without one."""
+
+    n: int
+    logprob: torch.Tensor | None = None  # (N,) fp32, forget samples
+    dist_row: torch.Tensor | None = None  # (N,) row into the distribution tensors, retain samples
+    top_logp: torch.Tensor | None = None  # (R, K, k) fp16
+    top_idx: torch.Tensor | None = None  # (R, K, k) int32
+    tail_logp: torch.Tensor | None = None  # (R, K) fp32
+    full_logp: torch.Tensor | None = None  # (R, K, V) fp32 when kl_topk == 0
+    stats: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        tensors = (self.logprob, self.dist_row, self.top_logp, self.top_idx, self.tail_logp, self.full_logp)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def lookup(self, model, batch) -> RefBatch:
+        index = batch["index"].cpu()
+        if (index < 0).any() or (index >= self.n).any():
+            raise RuntimeError("reference lookup: batch samples carry no valid 'index'")
+        device = batch["label_ids"].device
+        out = RefBatch()
+        if self.logprob is not None:
+            out.logprob = self.logprob[index].to(device)
+        if self.dist_row is not None:
+            rows = self.dist_row[index]
+            if (rows[~batch["is_forget"].cpu()] < 0).any():
+                raise RuntimeError("reference lookup: a retain sample has no stored distribution")
+            rows = rows.clamp(min=0)  # forget samples get filler rows; the KL term masks them out
+            k = batch["label_ids"].size(1)  # the store holds the longest label of the training set
+            if self.full_logp is not None:
+                out.dist = FullDist(self.full_logp[rows, :k].to(device))
+            else:
+                out.dist = TopKDist(*(t[rows, :k].to(device) for t in (self.top_logp, self.top_idx, self.tail_logp)))
+        return out
+
+
+def _length_order(features, idx):
+    return sorted(idx, key=lambda i: -len(features[i]["input_ids"]))
+
+
+@torch.inference_mode()
+def build_reference_store(model, method: Method, features, batch_size, device, pad_id, kl_topk=64, weight=1.0) -> ReferenceStore:
+    """One no-grad pass over the samples whose entries ``method`` needs (its forget samples
+    for NPO, its retain samples for GA+KL), with the model as it is now (pre-unlearning)."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    n = len(features)
+    store = ReferenceStore(n)
+    forget_idx = [i for i, f in enumerate(features) if f["is_forget"]]
+    retain_idx = [i for i, f in enumerate(features) if not f["is_forget"]]
+    want_dist = method.ref_dist and method.trains_on_retain(weight)
+    if method.ref_logprob:
+        store.logprob = torch.zeros(n, dtype=torch.float32)
+    if want_dist:
+        store.dist_row = torch.full((n,), -1, dtype=torch.long)
+        store.dist_row[retain_idx] = torch.arange(len(retain_idx))
+        K = max(len(f["label_ids"]) for f in features)
+    passes = (forget_idx if method.ref_logprob else []), (retain_idx if want_dist else [])
+    todo = _length_order(features, sorted(set(passes[0]) | set(passes[1])))
+    parts = []
+    for s in range(0, len(todo), batch_size):
+        idx = todo[s : s + batch_size]
+        batch = to_device(collate([features[i] for i in idx], pad_id), device)
+        logits = label_logits(model, batch)
+        if store.logprob is not None:
+            store.logprob[idx] = sequence_logprob(logits, batch["label_ids"]).float().cpu()
+        if want_dist:
+            parts.append((idx, _compress(logits, K, kl_topk)))
+    if want_dist:
+        _fill_dist(store, parts, len(retain_idx), K, kl_topk, model)
+    model.train(was_training)
+    store.stats = {
+        "kind": "cache",
+        "entries_logprob": len(passes[0]),
+        "entries_distribution": len(passes[1]),
+        "kl_topk": kl_topk if want_dist else None,
+        "bytes": store.nbytes(),
+        "seconds": time.perf_counter() - t0,
+    }
+    return store
+
+
+def _compress(logits, K, kl_topk):
+    """Per label position: (top log-probs fp16, ids int32, tail log-mass fp32) or full fp32 log-probs."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if logp.size(1) < K:  # pad label positions to the store's K
+        logp = torch.cat([logp, logp.new_zeros(logp.size(0), K - logp.size(1), logp.size(2))], 1)
+    if kl_topk == 0:
+        return (logp.cpu(),)
+    k = min(kl_topk, logp.size(-1) - 1)  # at least one token stays in the tail cell
+    top, ids = logp.topk(k, dim=-1)
+    tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
+    return top.half().cpu(), ids.int().cpu(), tail.float().cpu()
+
+
+def _fill_dist(store, parts, R, K, kl_topk, model):
+    rows = lambda idx: store.dist_row[idx]  # noqa: E731
+    if kl_topk == 0:
+        V = parts[0][1][0].size(-1) if parts else 1
+        store.full_logp = torch.zeros(R, K, V)
+        for idx, (full,) in parts:
+            store.full_logp[rows(idx)] = full
+        return
+    k = parts[0][1][0].size(-1) if parts else 1
+    store.top_logp = torch.zeros(R, K, k, dtype=torch.float16)
+    store.top_idx = torch.zeros(R, K, k, dtype=torch.int32)
+    store.tail_logp = torch.zeros(R, K)
+    for idx, (top, ids, tail) in parts:
+        store.top_logp[rows(idx)], store.top_idx[rows(idx)], store.tail_logp[rows(idx)] = top, ids, tail
+
+
+class AdapterOffReference:
+    """The frozen model as the same PEFT model with its adapter disabled: exact, no cache."""
+
+    stats = {"kind": "adapter_off", "bytes": 0, "seconds": 0.0}
+
+    def lookup(self, model, batch) -> RefBatch:
+        t0 = time.perf_counter()
+        with torch.no_grad(), model.disable_adapter():
+            ref = label_logits(model, batch)
+        self.stats = {**self.stats, "seconds": self.stats["seconds"] + time.perf_counter() - t0}
+        return RefBatch(logprob=sequence_logprob(ref, batch["label_ids"]), dist=FullDist(ref))
+
+
+class NoReference:
+    stats = {"kind": None, "bytes": 0, "seconds": 0.0}
+
+    def lookup(self, model, batch) -> RefBatch:
+        return RefBatch()
+
+
+def make_loss_fn(method: Method, reference, weights: Weights):
+    """``loss_fn(model, batch)`` for ``utils.training.train``."""
+
+    def loss_fn(model, batch):
+        ref = reference.lookup(model, batch)
+        return method.loss(label_logits(model, batch), batch, ref, weights)
+
+    return loss_fn
+
+
+def nonfinite_parameters(params) -> list[str]:
+    return [name for name, p in params if not torch.isfinite(p).all()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_unlearned(tmp: Path, model, lora: bool, qlora_run: Path | None) -> dict:
+    """Write the unlearned weights (``model/``: safetensors + HF config) or, with LoRA, the
+    unlearning adapter (``adapter/``) plus a copy of the QLoRA adapter it sits on
+    (``qlora_adapter/``), so the run folder is self-contained. Returns hashes for the manifest."""
+    from utils.models import weights_hash
+
+    if not lora:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        return {"weights": "model", "unlearned_weights_sha256": weights_hash(tmp / "model")}
+    model.save_pretrained(tmp / "adapter")
+    out = {"weights": "adapter", "unlearn_adapter_sha256": weights_hash(tmp / "adapter")}
+    if qlora_run is not None:
+        shutil.copytree(Path(qlora_run) / "adapter", tmp / "qlora_adapter")
+        out["qlora_adapter_copy_sha256"] = weights_hash(tmp / "qlora_adapter")
+    return out
+
+
+def load_baseline(run_dir: Path, manifest: dict, device):
+    """A baseline run folder -> the unlearned model (full precision, adapters merged)."""
+    from utils.checkpoints import Loaded
+    from utils.models import load_model, load_tokenizer, merge_lora, resolve_model, weights_hash
+    from utils.runs import RunError
+
+    run_dir = Path(run_dir)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    saved = manifest["saved"]
+    if saved["weights"] == "model":
+        if weights_hash(run_dir / "model") != saved["unlearned_weights_sha256"]:
+            raise RunError(f"--model_checkpoints {run_dir}: model weights do not match the manifest hash")
+        model, _ = load_model(run_dir / "model", device, tokenizer=tokenizer)
+        return Loaded(model.eval(), tokenizer, manifest, manifest["base_model_path"])
+    if weights_hash(run_dir / "adapter") != saved["unlearn_adapter_sha256"]:
+        raise RunError(f"--model_checkpoints {run_dir}: adapter does not match the manifest hash")
+    model_path = resolve_model(manifest["base_model"])
+    model, _ = load_model(model_path, device, tokenizer=tokenizer)
+    if (run_dir / "qlora_adapter").is_dir():
+        model = merge_lora(model, run_dir / "qlora_adapter")
+    model = merge_lora(model, run_dir / "adapter").to(device)
+    return Loaded(model.eval(), tokenizer, manifest, model_path)
