@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from utils import cli
-from utils.checkpoints import load_pretrained, load_run
+from utils.binding import load_checked
+from utils.checkpoints import load_pretrained
 from utils.data import prepare_splits
 from utils.evaluation import evaluate_splits, format_table
 from utils.models import select_device
@@ -20,6 +21,8 @@ def build_parser():
     p = cli.parser(__doc__)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model_checkpoints", default=None, help="a run folder written by qlora.py, spul.py or baselines.py")
+    g.add_argument("--no_prompt", action="store_true", help="evaluate a SPUL run's model with its soft prompt removed, for comparison")
+    g.add_argument("--force", action="store_true", help="load a run whose manifest does not match the model or files it would be loaded with")
     cli.add_model_args(p)
     cli.add_data_args(p)
     p.add_argument("--eval_batch_size", type=int, default=32, help="examples per forward")
@@ -29,7 +32,8 @@ def build_parser():
 
 def default_output(args) -> Path:
     if args.model_checkpoints:
-        return Path(str(Path(args.model_checkpoints)).rstrip("/") + f"-eval-{args.dataset}")
+        suffix = "-noprompt" if args.no_prompt else ""
+        return Path(str(Path(args.model_checkpoints)).rstrip("/") + f"-eval-{args.dataset}{suffix}")
     return Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "vanilla")
 
 
@@ -44,15 +48,17 @@ def main(argv=None):
 
     device = select_device()
     if args.model_checkpoints:
-        loaded = load_run(args.model_checkpoints, device)
+        loaded, forced = load_checked(args.model_checkpoints, device, args.force)
     else:
-        loaded = load_pretrained(args.model_name, device, args.set_pad_id)
+        loaded, forced = load_pretrained(args.model_name, device, args.set_pad_id), []
+    prompt = None if args.no_prompt else loaded.prompt
     encoder = Encoder(loaded.tokenizer, args.max_length)
     cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
-    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=loaded.prompt)
+    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
 
-    name = "Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]
-    manifest = {"kind": "eval", "evaluated": loaded.manifest, "source": args.model_checkpoints or args.model_name, "versions": library_versions()}
+    name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")
+    manifest = {"kind": "eval", "evaluated": loaded.manifest, "source": args.model_checkpoints or args.model_name,
+                "prompt_used": prompt is not None, "forced_mismatches": forced, "versions": library_versions()}
     with atomic_run_dir(out, args.overwrite) as tmp:
         save_run(tmp, args, metrics, manifest)
     print(format_table({name: metrics}))

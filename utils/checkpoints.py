@@ -13,6 +13,7 @@ import torch
 from utils.models import load_model, load_tokenizer, merge_lora, resolve_model
 from utils.baselines import load_baseline
 from utils.runs import read_manifest
+from utils.spul_run import load_spul
 
 
 @dataclass
@@ -32,7 +33,7 @@ def load_qlora(run_dir: Path, manifest: dict, device) -> Loaded:
     return Loaded(model.eval(), load_tokenizer(run_dir / "tokenizer"), manifest, model_path)
 
 
-LOADERS = {"qlora": load_qlora, "baseline": load_baseline}
+LOADERS = {"qlora": load_qlora, "baseline": load_baseline, "spul": load_spul}
 
 
 def load_run(run_dir, device, flag: str = "--model_checkpoints", kinds: tuple[str, ...] | None = None) -> Loaded:

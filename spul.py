@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""SPUL: learn a soft prompt (P-tuning) that makes a frozen LLM unlearn the forget set.
+The model is a qlora.py run (base in full precision, LoRA merged) or a pre-trained model
+(--model_name alone); only the prompt encoder trains, on train_retain + train_forget mixed in
+the same batches, with L = L_f + alpha * L_r + beta * L_kl. Saves the prompt (PEFT adapter and
+encoder weights), config, metrics on the four splits with the prompt, train stats and a
+manifest binding the prompt to its model and data into one run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from utils import cli
+from utils.data import prepare_splits, training_set
+from utils.evaluation import evaluate_splits, format_table
+from utils.models import DEFAULT_MODEL, select_device
+from utils.prompt import add_prompt, prompt_embeddings, save_prompt, trainable_parameters
+from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
+from utils.spul_loss import SpulObjective
+from utils.spul_run import TOKENIZER_DIR, check_sources, load_frozen_source, resume_encoder, spul_manifest
+from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.training import TrainConfig, seed_everything, train
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_data_args(p)
+    g = p.add_argument_group("frozen model")
+    g.add_argument("--model_checkpoints", default=None, help="a qlora.py run folder: its base model is loaded in full precision and the LoRA adapter merged in")
+    cli.add_model_args(p)
+    p.set_defaults(model_name=None)  # None: the QLoRA run's base, else the embedded default
+    g.add_argument("--force", action="store_true", help="use a QLoRA run (or --resume_from run) whose recorded hashes do not match the files it points to")
+    g = p.add_argument_group("soft prompt (P-tuning, MLP encoder) and loss")
+    g.add_argument("--ptuning_num_tokens", type=int, default=30, help="number p of virtual tokens prepended to the input")
+    g.add_argument("--ptuning_hidden_size", type=int, default=128, help="hidden size h of the prompt encoder's MLP")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
+    g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
+    g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
+    cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3)
+    cli.add_output_args(p)
+    return p
+
+
+def check_args(args) -> None:
+    cli.check_common(args)
+    checks = {
+        "ptuning_num_tokens": (args.ptuning_num_tokens >= 1, "must be at least 1"),
+        "ptuning_hidden_size": (args.ptuning_hidden_size >= 1, "must be at least 1"),
+        "alpha": (args.alpha >= 0, "must be >= 0"),
+        "beta": (args.beta >= 0, "must be >= 0"),
+        "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
+        "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
+        "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),
+    }
+    for name, (ok, why) in checks.items():
+        if not ok:
+            raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
+    check_sources(args)  # run kinds, --model_name vs the QLoRA run, --resume_from binding
+
+
+def default_output(args) -> Path:
+    source = Path(args.model_checkpoints).name if args.model_checkpoints else Path(args.model_name or DEFAULT_MODEL).name
+    return Path("runs") / default_run_name(source, args.dataset, "spul")
+
+
+@cli.entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    out = Path(args.output_path or default_output(args))
+    check_output(out, args.overwrite)
+    seed_everything(args.seed)
+    splits = prepare_splits(args)
+
+    device = select_device()
+    source, forced = load_frozen_source(args, device)
+    tokenizer = source.tokenizer
+    encoder = Encoder(tokenizer, args.max_length)
+    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed)
+    if args.resume_from:
+        resume_encoder(model, args)
+    print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
+
+    features = training_set(encoder, splits, args.seed, relabel_forget=True)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
+    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed)
+    stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")
+    with torch.no_grad():
+        prompt = prompt_embeddings(model).detach()
+    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+
+    with atomic_run_dir(out, args.overwrite) as tmp:
+        save_prompt(model, tmp)
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
+        save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
+    print(format_table({"SPUL": metrics}))
+    print(f"run folder: {out}")
+
+
+if __name__ == "__main__":
+    main()

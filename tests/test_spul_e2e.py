@@ -1,0 +1,168 @@
+"""End to end on a tiny random model: qlora.py -> spul.py -> inference_spul.py (with and
+without the prompt), prompts bound to their model, bad input refused with one line."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import inference_spul
+import qlora
+import spul
+from tests.conftest import TINY_DATA_ARGS
+from utils.models import save_tiny_model
+
+SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
+             "--ptuning_num_tokens", "4", "--ptuning_hidden_size", "16"]
+
+
+@pytest.fixture(scope="module")
+def data_args(shared_data):
+    return ["--data_root", str(shared_data)] + TINY_DATA_ARGS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, data_args):
+    root = tmp_path_factory.mktemp("spul_runs")
+    qlora.main(["--model_name", tiny_model_dir, "--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-3",
+                "--output_path", str(root / "qlora")] + data_args)
+    spul.main(["--model_checkpoints", str(root / "qlora"), "--output_path", str(root / "spul")] + SPUL_ARGS + data_args)
+    return root
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def evaluate(run, out, data_args, *extra):
+    inference_spul.main(["--model_checkpoints", str(run), "--output_path", str(out), *extra] + data_args)
+    return read(out / "metrics.json")
+
+
+def refused(capsys, main, argv):
+    capsys.readouterr()  # drop what earlier calls printed
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_spul_writes_complete_run_folder(runs):
+    run = runs / "spul"
+    files = {p.name for p in run.iterdir()}
+    assert {"prompt", "prompt_encoder.safetensors", "tokenizer", "config.json", "metrics.json",
+            "manifest.json", "train_stats.json"} <= files
+    assert (run / "prompt" / "adapter_model.safetensors").is_file()
+    assert read(run / "prompt" / "adapter_config.json")["peft_type"] == "P_TUNING"
+    m = read(run / "manifest.json")
+    qm = read(runs / "qlora" / "manifest.json")
+    assert m["kind"] == "spul" and m["source_kind"] == "qlora"
+    assert m["qlora_run"] == str((runs / "qlora").resolve())
+    assert m["qlora_adapter_sha256"] == qm["adapter_sha256"]
+    assert m["base_weights_sha256"] == qm["base_weights_sha256"] and m["base_model"] == qm["base_model"]
+    assert m["prompt"]["num_virtual_tokens"] == 4 and m["prompt"]["encoder_hidden_size"] == 16
+    assert len(m["tokenizer"]["sha256"]) == 64 and m["template"] and m["versions"]["peft"]
+    assert m["forget_size"] == 1.0 and m["seed"] == 42 and m["splits"]["train_forget"]["rows"] == 12
+    assert sum(m["generic_label_counts"].values()) == 12
+    assert (m["alpha"], m["beta"]) == (1.0, 0.5)
+    config = read(run / "config.json")
+    assert config["ptuning_num_tokens"] == 4 and config["warmup_ratio"] == 0.1 and config["max_grad_norm"] == 0.3
+    stats = read(run / "train_stats.json")
+    assert stats["steps"] == 3 and stats["trainable_params"] == m["prompt"]["trainable_params"]
+    assert stats["kl_reference"]["steps_with_reference"] == 3 and stats["kl_reference"]["bytes_kept_between_steps"] == 0
+    assert set(read(run / "metrics.json")) == set(SPLITS)
+
+
+def test_paper_defaults():
+    args = spul.build_parser().parse_args([])
+    assert (args.lr, args.num_epochs, args.train_batch_size, args.ptuning_num_tokens, args.ptuning_hidden_size) == (1e-4, 10, 32, 30, 128)
+    assert (args.warmup_ratio, args.weight_decay, args.max_grad_norm) == (0.1, 0.001, 0.3)
+
+
+def test_inference_reproduces_spul_and_no_prompt_is_the_qlora_model(runs, data_args, tmp_path):
+    with_prompt = evaluate(runs / "spul", tmp_path / "e_spul", data_args)
+    assert with_prompt == read(runs / "spul" / "metrics.json")  # reloaded prompt: same predictions
+    no_prompt = evaluate(runs / "spul", tmp_path / "e_noprompt", data_args, "--no_prompt")
+    assert no_prompt == evaluate(runs / "qlora", tmp_path / "e_qlora", data_args)
+    assert read(tmp_path / "e_noprompt" / "manifest.json")["prompt_used"] is False
+    assert read(tmp_path / "e_spul" / "manifest.json")["evaluated"]["kind"] == "spul"
+
+
+def test_mismatched_manifest_is_refused_unless_forced(runs, data_args, tmp_path, capsys):
+    # the QLoRA run the prompt points to has changed since the prompt was trained
+    qlora_copy, spul_copy = tmp_path / "qlora", tmp_path / "spul"
+    shutil.copytree(runs / "qlora", qlora_copy)
+    shutil.copytree(runs / "spul", spul_copy)
+    adapter = qlora_copy / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(adapter))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, str(adapter))
+    manifest = read(spul_copy / "manifest.json")
+    manifest["qlora_run"] = str(qlora_copy)
+    (spul_copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "eval"
+    err = refused(capsys, inference_spul.main, ["--model_checkpoints", str(spul_copy), "--output_path", str(out)] + data_args)
+    assert "QLoRA adapter" in err and "--force" in err and "--model_checkpoints" in err
+    assert not out.exists()
+    evaluate(spul_copy, out, data_args, "--force")
+    assert read(out / "manifest.json")["forced_mismatches"]
+
+    # a prompt recorded for other base weights
+    manifest = read(runs / "spul" / "manifest.json")
+    manifest["base_weights_sha256"] = "0" * 64
+    (spul_copy / "manifest.json").write_text(json.dumps(manifest))
+    err = refused(capsys, inference_spul.main, ["--model_checkpoints", str(spul_copy), "--output_path", str(tmp_path / "e2")] + data_args)
+    assert "base model weights" in err and not (tmp_path / "e2").exists()
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--alpha", "-1"], "--alpha"),
+    (["--beta", "-0.5"], "--beta"),
+    (["--ptuning_num_tokens", "0"], "--ptuning_num_tokens"),
+    (["--ptuning_hidden_size", "0"], "--ptuning_hidden_size"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+    (["--lr", "0"], "--lr"),
+    (["--forget_size", "0"], "--forget_size"),
+    (["--model_checkpoints", "/nonexistent/run"], "--model_checkpoints"),
+    (["--resume_from", "/nonexistent/run"], "--resume_from"),
+])
+def test_spul_bad_input_one_line(extra, flag, capsys, tmp_path):
+    out = tmp_path / "out"
+    err = refused(capsys, spul.main, extra + ["--output_path", str(out)])
+    assert flag in err and not out.exists()
+
+
+def test_spul_refuses_wrong_kind_existing_output_and_conflicting_model(runs, tiny_model_dir, data_args, tmp_path, capsys):
+    err = refused(capsys, spul.main, ["--model_checkpoints", str(runs / "spul"), "--output_path", str(tmp_path / "x")])
+    assert "'spul' run, expected qlora" in err
+    err = refused(capsys, spul.main, ["--model_checkpoints", str(runs / "qlora"), "--output_path", str(runs / "spul")])
+    assert "--output_path" in err and "--overwrite" in err
+    other = save_tiny_model(tmp_path / "other_base", seed=1)
+    err = refused(capsys, spul.main, ["--model_checkpoints", str(runs / "qlora"), "--model_name", other,
+                                      "--output_path", str(tmp_path / "y")] + data_args)
+    assert "--model_name" in err and not (tmp_path / "y").exists()
+
+
+def test_spul_on_pretrained_model_and_resume(runs, tiny_model_dir, data_args, tmp_path, capsys):
+    out = tmp_path / "spul_vanilla"
+    spul.main(["--model_name", tiny_model_dir, "--beta", "0", "--output_path", str(out)] + SPUL_ARGS + data_args)
+    m = read(out / "manifest.json")
+    assert m["source_kind"] == "vanilla" and m["qlora_run"] is None and m["qlora_adapter_sha256"] is None
+    assert read(out / "train_stats.json")["kl_reference"]["steps_with_reference"] == 0  # beta 0: no reference
+    assert evaluate(out, tmp_path / "e", data_args) == read(out / "metrics.json")
+    # a prompt trained on the QLoRA model cannot silently seed one on the pre-trained model
+    err = refused(capsys, spul.main, ["--model_name", tiny_model_dir, "--resume_from", str(runs / "spul"),
+                                      "--output_path", str(tmp_path / "r")] + SPUL_ARGS + data_args)
+    assert "--resume_from" in err and "qlora_adapter_sha256" in err and not (tmp_path / "r").exists()
+    # resuming from a matching run starts from its encoder: lr ~0 keeps the prompt where it was
+    spul.main(["--model_name", tiny_model_dir, "--resume_from", str(out), "--output_path", str(tmp_path / "resumed")]
+              + SPUL_ARGS + ["--lr", "1e-12", "--num_epochs", "0.3"] + data_args)
+    a = load_file(str(out / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+    b = load_file(str(tmp_path / "resumed" / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.allclose(a, b, atol=1e-6)
+    assert read(tmp_path / "resumed" / "manifest.json")["resumed_from"] == str(out.resolve())

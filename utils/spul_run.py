@@ -1,0 +1,118 @@
+"""SPUL run folders: the frozen model a prompt is trained on, what the manifest binds the prompt
+to, and rebuilding base + merged QLoRA + prompt from a manifest (the ``"spul"`` loader).
+
+The frozen model is either a ``qlora.py`` run (base in full precision, LoRA merged: the paper's
+setting) or a pre-trained model straight from ``--model_name`` (the published README's "avoid
+loading and merging qlora parameters").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.cli import UsageError
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def check_sources(args) -> None:
+    """Checks on --model_checkpoints, --model_name and --resume_from that need no model loaded:
+    run kinds, a --model_name that contradicts the QLoRA run, a --resume_from prompt trained on
+    another model (unless --force). Sets ``args.model_name`` to the base model that will be used."""
+    from utils.binding import BindingMismatch
+    from utils.models import DEFAULT_MODEL, resolve_model, weights_hash
+    from utils.runs import read_manifest
+
+    qlora = read_manifest(Path(args.model_checkpoints), "--model_checkpoints", ("qlora",)) if args.model_checkpoints else None
+    if qlora and args.model_name and resolve_model(args.model_name) != resolve_model(qlora["base_model"]):
+        raise UsageError(
+            f"--model_name {args.model_name}: conflicts with --model_checkpoints {args.model_checkpoints}, "
+            f"which was fine-tuned from {qlora['base_model']}; pass only one of them"
+        )
+    args.model_name = qlora["base_model"] if qlora else (args.model_name or DEFAULT_MODEL)
+    if not args.resume_from:
+        return
+    old = read_manifest(Path(args.resume_from), "--resume_from", ("spul",))
+    new = {
+        "base_weights_sha256": qlora["base_weights_sha256"] if qlora else weights_hash(resolve_model(args.model_name)),
+        "qlora_adapter_sha256": qlora["adapter_sha256"] if qlora else None,
+    }
+    differ = [k for k, v in new.items() if old.get(k) != v]
+    if differ and not args.force:
+        raise BindingMismatch(
+            f"--resume_from {args.resume_from}: was trained on a different model ({', '.join(differ)} differ); "
+            f"pass --force to use it anyway"
+        )
+
+
+def load_frozen_source(args, device):
+    """The model SPUL freezes: the ``--model_checkpoints`` QLoRA run (binding-checked, merged)
+    or the pre-trained ``--model_name``. Returns (Loaded, mismatches accepted with --force)."""
+    from utils.binding import load_checked
+    from utils.checkpoints import load_pretrained
+
+    if args.model_checkpoints:
+        return load_checked(args.model_checkpoints, device, args.force, kinds=("qlora",))
+    return load_pretrained(args.model_name, device, args.set_pad_id), []
+
+
+def source_binding(args, source) -> dict:
+    """Manifest fields naming the QLoRA run the prompt sits on (None for a pre-trained model)."""
+    is_qlora = source.manifest.get("kind") == "qlora"
+    return {
+        "source_kind": source.manifest.get("kind"),
+        "qlora_run": str(Path(args.model_checkpoints).resolve()) if is_qlora else None,
+        "qlora_adapter_sha256": source.manifest.get("adapter_sha256") if is_qlora else None,
+        "qlora_splits": source.manifest.get("splits") if is_qlora else None,
+    }
+
+
+def spul_manifest(args, source, splits, folder: Path, peft_model, tokenizer, forced: list) -> dict:
+    """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
+    the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
+    drew each generic label, and any mismatch accepted with --force."""
+    from collections import Counter
+
+    from utils.binding import file_hash, tokenizer_fingerprint
+    from utils.data import generic_labels
+    from utils.models import weights_hash
+    from utils.prompt import ENCODER_FILE, PROMPT_DIR, prompt_summary
+    from utils.runs import run_manifest
+
+    return run_manifest(
+        "spul", args, source.model_path, splits,
+        **source_binding(args, source),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        prompt=prompt_summary(peft_model),
+        prompt_sha256=weights_hash(folder / PROMPT_DIR),
+        prompt_encoder_sha256=file_hash(folder / ENCODER_FILE),
+        alpha=args.alpha,
+        beta=args.beta,
+        generic_label_counts=dict(sorted(Counter(generic_labels(len(splits["train_forget"]), args.seed)).items())),
+        resumed_from=str(Path(args.resume_from).resolve()) if args.resume_from else None,
+        forced_mismatches=forced,
+    )
+
+
+def resume_encoder(peft_model, args) -> None:
+    """``--resume_from SPUL_RUN`` (checked by ``check_sources``): start from that run's encoder
+    weights; p and h must be the same."""
+    from utils.prompt import load_encoder_weights
+
+    try:
+        load_encoder_weights(peft_model, Path(args.resume_from))
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--resume_from {args.resume_from}: {str(e).splitlines()[0]}") from e
+
+
+def load_spul(run_dir: Path, manifest: dict, device):
+    """The ``"spul"`` loader: rebuild the frozen model the manifest names (QLoRA run merged into
+    its base, or the pre-trained base) and attach the saved PEFT prompt."""
+    from utils.checkpoints import Loaded, load_pretrained, load_run
+    from utils.models import load_tokenizer
+    from utils.prompt import load_prompt
+
+    qlora = manifest.get("qlora_run")
+    source = load_run(qlora, device, "qlora_run (in the manifest)", ("qlora",)) if qlora else load_pretrained(manifest["base_model"], device)
+    peft_model, prompt = load_prompt(source.model, run_dir)
+    tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_DIR)
+    return Loaded(peft_model, tokenizer, manifest, source.model_path, prompt=prompt)
