@@ -1,45 +1,138 @@
-"""Collect run folders into the paper's table layout (ACC / F1 on the four splits).
+"""Collect run folders into the paper's table layout: one row per method, ACC and F1 on
+train retain, train forget, test retain and test forget, plus efficiency columns from each
+run's train_stats.json. Folders that differ only in a ``-s<seed>`` suffix form one row with
+mean ± std. Writes markdown, CSV and a trade-off plot (forget vs retain accuracy).
 
-    python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown FILE] [--csv FILE]
+    python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from utils.data import SPLITS
-from utils.evaluation import format_table
 from utils.runs import METRICS, read_json
 
+DISPLAY = {
+    "vanilla": "Vanilla",
+    "qlora": "QLoRA",
+    "gradient_ascent": "GA",
+    "random_label": "RL",
+    "gradient_ascent_kl": "GA+KL",
+    "gradient_ascent_descent": "GA+GD",
+    "npo": "NPO",
+    "spul": "SPUL",
+}
+EFFICIENCY = (  # (train_stats key, column title, format)
+    ("trainable_params", "trainable params", "{:,.0f}"),
+    ("seconds_per_epoch", "s / epoch", "{:.1f}"),
+    ("peak_memory_mb", "peak MiB", "{:.0f}"),
+    ("tokens_per_second", "train tok/s", "{:.0f}"),
+)
+SEED_SUFFIX = re.compile(r"-s\d+$")
 
-def collect(run_dirs, names=None) -> dict[str, dict]:
-    """{row name: metrics} from each folder's metrics.json (name defaults to the folder)."""
-    names = names or [Path(d).name for d in run_dirs]
-    rows = {}
+
+def row_name(folder: Path) -> str:
+    base = SEED_SUFFIX.sub("", folder.name)
+    return DISPLAY.get(base, base)
+
+
+def collect(run_dirs, names=None) -> dict[str, list[dict]]:
+    """{row name: [{"metrics": ..., "stats": ...} per seed]} in first-seen order."""
+    names = names or [row_name(Path(d)) for d in run_dirs]
+    rows: dict[str, list[dict]] = {}
     for name, d in zip(names, run_dirs):
-        path = Path(d) / METRICS
-        if not path.is_file():
+        d = Path(d)
+        if not (d / METRICS).is_file():
             raise FileNotFoundError(f"{d}: no {METRICS} (not a finished run)")
-        rows[name] = read_json(path)
+        stats = read_json(d / "train_stats.json") if (d / "train_stats.json").is_file() else {}
+        rows.setdefault(name, []).append({"metrics": read_json(d / METRICS), "stats": stats})
     return rows
 
 
-def write_csv(rows: dict[str, dict], path: Path) -> None:
+def summarise(runs: list[dict]) -> dict:
+    """Mean and std (population, 0 for one seed) of ACC/F1 per split and of the efficiency."""
+    out = {"seeds": len(runs)}
+    for s in SPLITS:
+        for m in ("accuracy", "f1"):
+            v = np.array([r["metrics"][s][m] for r in runs], dtype=float)
+            out[f"{s}_{m}"] = (v.mean(), v.std())
+    for key, _, _ in EFFICIENCY:
+        v = [r["stats"][key] for r in runs if key in r["stats"]]
+        out[key] = float(np.mean(v)) if v else None
+    return out
+
+
+def _cell(mean_std, seeds: int) -> str:
+    mean, std = mean_std
+    return f"{mean:.2f}±{std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def markdown(summary: dict[str, dict]) -> str:
+    head = ["method"] + [f"{s.replace('_', ' ')} ACC / F1" for s in SPLITS] + [t for _, t, _ in EFFICIENCY]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in summary.items():
+        cells = [f"{_cell(r[f'{s}_accuracy'], r['seeds'])} / {_cell(r[f'{s}_f1'], r['seeds'])}" for s in SPLITS]
+        cells += [fmt.format(r[k]) if r[k] is not None else "-" for k, _, fmt in EFFICIENCY]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(summary: dict[str, dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method"] + [f"{s}_{m}" for s in SPLITS for m in ("acc", "f1")])
-        for name, res in rows.items():
-            w.writerow([name] + [f"{res[s][m]:.2f}" for s in SPLITS for m in ("accuracy", "f1")])
+        metric_cols = [f"{s}_{m}" for s in SPLITS for m in ("accuracy", "f1")]
+        w.writerow(["method", "seeds"] + metric_cols + [c + "_std" for c in metric_cols] + [k for k, _, _ in EFFICIENCY])
+        for name, r in summary.items():
+            w.writerow(
+                [name, r["seeds"]]
+                + [f"{r[c][0]:.2f}" for c in metric_cols]
+                + [f"{r[c][1]:.2f}" for c in metric_cols]
+                + ["" if r[k] is None else f"{r[k]:.2f}" for k, _, _ in EFFICIENCY]
+            )
+
+
+def plot(summary: dict[str, dict], path: Path) -> None:
+    """Two panels: forget ACC (x, lower is better) against retain ACC (y, higher is better)
+    on train and on test; one labelled point per row, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, side in zip(axes, ("train", "test")):
+        for name, r in summary.items():
+            (fx, fs), (ry, rs) = r[f"{side}_forget_accuracy"], r[f"{side}_retain_accuracy"]
+            ax.errorbar(fx, ry, xerr=fs or None, yerr=rs or None, fmt="o", capsize=3)
+            ax.annotate(name, (fx, ry), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"{side} forget accuracy (%)  ← better")
+        ax.set_ylabel(f"{side} retain accuracy (%)  ↑ better")
+        ax.set_xlim(-5, 105)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Forgetting vs utility")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run or eval folders holding metrics.json")
+    p.add_argument("--names", nargs="+", help="row names, one per folder (default: the folder name without -s<seed>)")
+    p.add_argument("--markdown", help="also write the markdown table here")
+    p.add_argument("--csv", help="also write the table as CSV here")
+    p.add_argument("--plot", help="also write the forget-vs-retain trade-off plot (PNG) here")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run or eval folders holding metrics.json")
-    p.add_argument("--names", nargs="+", help="row names, one per folder (default: folder names)")
-    p.add_argument("--markdown", help="also write the markdown table here")
-    p.add_argument("--csv", help="also write the table as CSV here")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         p.error("--names: give one name per run folder")
@@ -48,12 +141,15 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = format_table(rows)
+    summary = {name: summarise(runs) for name, runs in rows.items()}
+    table = markdown(summary)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.csv:
-        write_csv(rows, Path(args.csv))
+        write_csv(summary, Path(args.csv))
+    if args.plot:
+        plot(summary, Path(args.plot))
     return 0
 
 

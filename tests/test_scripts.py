@@ -1,0 +1,86 @@
+"""Every recipe in scripts/ is checked against the code it calls: its dry run prints each
+command, and each command must parse with that entry point's own parser."""
+import importlib
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh"]
+ENTRY = {"inference_spul.py": "inference_spul", "qlora.py": "qlora", "spul.py": "spul",
+         "baselines.py": "baselines", "utils.report": "utils.report"}
+
+
+def dry_run(script, **env):
+    out = subprocess.run(["bash", str(REPO / "scripts" / script), "--dry-run"], capture_output=True, text=True,
+                         env={**os.environ, **env}, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [shlex.split(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def parse(cmd):
+    target = cmd[2] if cmd[1] == "-m" else Path(cmd[1]).name
+    rest = cmd[3:] if cmd[1] == "-m" else cmd[2:]
+    module = importlib.import_module(ENTRY[target])
+    try:
+        return target, module.build_parser().parse_args(rest)
+    except SystemExit:
+        pytest.fail(f"{target} does not accept: {' '.join(rest)}")
+
+
+@pytest.mark.parametrize("profile", ["paper", "cpu"])
+@pytest.mark.parametrize("script", RECIPES)
+def test_every_emitted_command_parses(script, profile):
+    cmds = dry_run(script, PROFILE=profile, SEEDS="1 2")
+    assert cmds, "the dry run printed nothing"
+    targets = [parse(c)[0] for c in cmds]
+    assert targets[-1] == "utils.report" and "qlora.py" in targets
+
+
+def test_table2_runs_every_method_and_seed():
+    cmds = dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8")
+    parsed = [parse(c) for c in cmds]
+    methods = {a.unlearn_method for t, a in parsed if t == "baselines.py"}
+    assert methods == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
+    assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
+    spul = [a for t, a in parsed if t == "spul.py"]
+    assert len(spul) == 2 and all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spul)
+
+
+def test_sweeps_cover_the_paper_grids():
+    grid = {(a.alpha, a.beta) for t, a in map(parse, dry_run("table3.sh")) if t == "spul.py"}
+    assert grid == {(x, y) for x in (0.1, 0.5, 1.0) for y in (0.0, 0.1, 0.5, 1.0)}
+    taus = {a.forget_size for t, a in map(parse, dry_run("table4.sh")) if t == "spul.py"}
+    assert taus == {0.25, 0.5, 1.0}
+    ps = {a.ptuning_num_tokens for t, a in map(parse, dry_run("fig2.sh")) if t == "spul.py"}
+    assert ps == {10, 20, 30, 40, 50}
+
+
+def test_paper_profile_defaults():
+    parsed = [parse(c) for c in dry_run("table2.sh")]
+    q = next(a for t, a in parsed if t == "qlora.py")
+    assert (q.model_name, q.dataset, q.num_epochs, q.lr, q.train_batch_size) == ("meta-llama/Llama-2-7b-hf", "sst2", 10, 1e-4, 32)
+    s = next(a for t, a in parsed if t == "spul.py")
+    assert (s.alpha, s.beta, s.ptuning_num_tokens, s.num_epochs, s.lr) == (1.0, 0.5, 30, 10, 1e-4)
+
+
+def test_bad_profile_fails_clearly():
+    out = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh"), "--dry-run"], capture_output=True, text=True,
+                         env={**os.environ, "PROFILE": "nope"}, cwd=REPO)
+    assert out.returncode == 2 and "PROFILE=nope" in out.stderr
+
+
+def test_reuses_finished_stage_and_stops_at_first_failure(tmp_path):
+    out = tmp_path / "out"
+    (out / "vanilla-s42").mkdir(parents=True)
+    (out / "vanilla-s42" / "metrics.json").write_text("{}")
+    # PY=false: every stage that actually runs fails
+    res = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": "false", "OUT": str(out), "PROFILE": "cpu"}, cwd=REPO, timeout=60)
+    assert res.returncode == 1
+    assert "[vanilla s42] reusing" in res.stdout
+    assert "stage 'qlora s42' failed" in res.stderr
+    assert "gradient_ascent" not in res.stdout  # nothing after the failed stage ran
