@@ -1,0 +1,85 @@
+"""The shared training loop: seeded batches, checkpoints and exact resume."""
+import pytest
+import torch
+from peft import get_peft_model
+
+from utils.forward import label_logits
+from utils.losses import ce_per_sample
+from utils.models import lora_config, tiny_llama
+from utils.training import TrainConfig, epoch_batches, train
+
+
+def features(n=20):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(5, 60, (6 + i % 4,), generator=g).tolist()
+        out.append({"input_ids": ids, "label_ids": ids[-1:], "label": i % 2, "is_forget": i % 5 == 0})
+    return out
+
+
+def make_model():
+    torch.manual_seed(1)
+    return get_peft_model(tiny_llama(64, seed=0), lora_config(dropout=0.1, target_modules=["q_proj", "v_proj"]))
+
+
+def loss_fn(model, batch):
+    loss = ce_per_sample(label_logits(model, batch), batch["label_ids"]).mean()
+    return loss, {}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_epoch_batches_seeded_and_complete():
+    a = epoch_batches(10, 3, seed=1, epoch=0)
+    assert a == epoch_batches(10, 3, seed=1, epoch=0) and a != epoch_batches(10, 3, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
+
+
+def test_resume_after_interrupt_is_exact(tmp_path):
+    cfg = dict(lr=1e-2, num_epochs=2, batch_size=4, warmup_ratio=0.1, seed=3)  # 10 steps
+    feats = features()
+
+    torch.manual_seed(5)
+    ref_model = make_model()
+    stats = train(ref_model, ref_model.parameters(), loss_fn, feats, TrainConfig(**cfg), "cpu", 0)
+    assert stats.steps == 10
+
+    torch.manual_seed(5)
+    model = make_model()
+    calls = {"n": 0}
+
+    def dying(m, b):
+        calls["n"] += 1
+        if calls["n"] == 8:  # killed during step 8; the last checkpoint is after step 6
+            raise Interrupt
+        return loss_fn(m, b)
+
+    ck = TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "ck"), save_every=3)
+    with pytest.raises(Interrupt):
+        train(model, model.parameters(), dying, feats, ck, "cpu", 0)
+    assert (tmp_path / "ck" / "last" / "state.pt").is_file()
+
+    torch.manual_seed(123)  # a new process: fresh model, different global RNG
+    resumed = make_model()
+    ck_resume = TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "ck"), save_every=3, resume=True)
+    stats2 = train(resumed, resumed.parameters(), loss_fn, feats, ck_resume, "cpu", 0)
+    assert stats2.steps == 10
+    want, got = lora_weights(ref_model), lora_weights(resumed)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_non_finite_loss_stops():
+    from utils.training import TrainingDiverged
+
+    model = make_model()
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        train(model, model.parameters(), lambda m, b: (torch.tensor(float("nan"), requires_grad=True), {}),
+              features(8), TrainConfig(lr=1e-3, num_epochs=1, batch_size=4), "cpu", 0)
