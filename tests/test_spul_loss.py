@@ -163,7 +163,9 @@ def test_objective_reference_is_the_same_model_without_prompt():
         ref = label_logits(model, batch)
         cur = label_logits(model, batch, prompt)
     _, want = spul_loss(cur, ref, batch, 1.0, 1.0)
-    assert terms["L_kl"] == pytest.approx(want["L_kl"], rel=1e-5)
+    # the objective runs the prompt through its key/value cache: equal logits up to float
+    # rounding, which a KL this small (~6e-4) sees at the 1e-5 relative level
+    assert terms["L_kl"] == pytest.approx(want["L_kl"], rel=1e-4)
     assert terms["L_r"] == pytest.approx(want["L_r"], rel=1e-5)
     assert terms["L_kl"] > 0  # the prompt changes the distribution
     loss.backward()

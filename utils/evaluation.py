@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.data import SPLITS, encode_frame
-from utils.forward import label_logits, to_device
+from utils.forward import PromptCache, label_logits, to_device
 from utils.metrics import classification_metrics, map_predictions
 from utils.template import GENERIC_LABELS, LABEL_WORDS, collate
 
@@ -28,12 +28,14 @@ def length_batches(features: list[dict], batch_size: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def predict(model, features, batch_size, device, pad_id, prompt=None, task_ids=None, desc="eval"):
-    """Per example: argmax vocabulary id and argmax over the task labels only."""
+    """Per example: argmax vocabulary id and argmax over the task labels only. A prompt's
+    key/value cache is computed once here and reused by every batch (``PromptCache``)."""
+    cache = PromptCache.build(model, prompt) if prompt is not None else None
     pred = np.zeros(len(features), dtype=np.int64)
     restricted = np.zeros(len(features), dtype=np.int64)
     for idx in tqdm(length_batches(features, batch_size), desc=desc, unit="batch", leave=False):
         batch = to_device(collate([features[i] for i in idx], pad_id), device)
-        logits = label_logits(model, batch, prompt)[:, 0]  # first label token
+        logits = label_logits(model, batch, prompt_cache=cache)[:, 0]  # first label token
         pred[idx] = logits.argmax(-1).cpu().numpy()
         restricted[idx] = logits[:, task_ids].argmax(-1).cpu().numpy()
     return pred, restricted

@@ -3,6 +3,9 @@ predict the label tokens, optionally with soft-prompt embeddings prepended.
 
 Running the backbone and applying the LM head to the gathered hidden states costs
 B*K*V instead of B*L*V for the output layer, and never materialises full logits.
+
+A soft prompt does not depend on the input, so ``PromptCache`` computes its key/value cache
+once and every batch then runs only its own tokens (inference, and the SPUL training step).
 """
 from __future__ import annotations
 
@@ -39,19 +42,95 @@ def _with_prompt(model, batch, prompt):
     return torch.cat([prompt, embeds], dim=1), mask, p
 
 
-def label_hidden(model, batch, prompt=None) -> torch.Tensor:
-    """Hidden states (B, K, d) at the label-predicting positions."""
-    embeds, mask, p = _with_prompt(model, batch, prompt)
-    out = backbone(model)(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-    hidden = out.last_hidden_state
+class PromptCache:
+    """The key/value cache of a soft prompt, computed once and reused for every batch.
+
+    The prompt sits in front of every input and attends only to itself (causal attention), so
+    its keys and values in every layer do not depend on the input: one forward of the p prompt
+    embeddings (batch 1) gives them. Each batch then runs only its own L tokens, at positions
+    p..p+L-1, attending to the cached prompt (mask: ones for the p prompt positions, then the
+    batch mask). Built under no_grad/inference_mode it serves evaluation; built with grad (the
+    training prompt) the gradient flows back through the cache into the prompt, and the prompt
+    positions are computed once per step instead of once per row.
+
+    The stored per-layer tensors are never handed to the model: ``for_batch`` wraps views of
+    them (expanded to the batch size) in a fresh ``DynamicCache`` whose ``update`` concatenates
+    into new tensors, so no batch can change what the next one sees.
+    """
+
+    def __init__(self, layers, length: int, config):
+        self.layers = layers  # [(keys, values)], each (1, kv_heads, p, head_dim)
+        self.length = length
+        self.config = config
+
+    @classmethod
+    def build(cls, model, prompt: torch.Tensor) -> "PromptCache":
+        """One forward of the (p, d) prompt embeddings (batch 1) with ``use_cache=True``."""
+        _check_cache_compatible(model)
+        embed = unwrap(model).get_input_embeddings()
+        prompt = prompt.to(embed.weight.dtype)
+        if prompt.dim() == 3:  # (1, p, d)
+            prompt = prompt[0]
+        p = prompt.size(0)
+        mask = torch.ones(1, p, dtype=torch.long, device=prompt.device)
+        out = backbone(model)(inputs_embeds=prompt.unsqueeze(0), attention_mask=mask, use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return cls(layers, p, unwrap(model).config)
+
+    def for_batch(self, batch_size: int):
+        """A fresh ``DynamicCache`` holding the prompt for ``batch_size`` rows."""
+        from transformers import DynamicCache
+
+        data = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
+        return DynamicCache(ddp_cache_data=data, config=self.config)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+
+
+def cache_compatible(model) -> bool:
+    """False while the model trains with activation checkpointing, whose layers drop any
+    ``past_key_values`` (the prompt must then be prepended instead)."""
+    return not (model.training and any(getattr(m, "gradient_checkpointing", False) for m in backbone(model).modules()))
+
+
+def _check_cache_compatible(model) -> None:
+    if not cache_compatible(model):
+        raise ValueError("a prompt cache cannot be used while the model trains with activation checkpointing")
+
+
+def _cached_hidden(model, batch, cache: PromptCache) -> torch.Tensor:
+    """Last hidden states (B, L, d) of the text tokens, run after the cached prompt."""
+    _check_cache_compatible(model)
+    ids, text_mask = batch["input_ids"], batch["attention_mask"]
+    B, L = ids.shape
+    p = cache.length
+    mask = torch.cat([text_mask.new_ones(B, p), text_mask], dim=1)
+    positions = torch.arange(p, p + L, device=ids.device).unsqueeze(0).expand(B, -1)
+    embeds = unwrap(model).get_input_embeddings()(ids)
+    out = backbone(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache.for_batch(B), use_cache=True)
+    return out.last_hidden_state
+
+
+def label_hidden(model, batch, prompt=None, prompt_cache: PromptCache | None = None) -> torch.Tensor:
+    """Hidden states (B, K, d) at the label-predicting positions. With ``prompt_cache`` the
+    prompt comes from the cache (``prompt`` must then be None) and only the text tokens run."""
+    if prompt_cache is not None:
+        if prompt is not None:
+            raise ValueError("pass either prompt or prompt_cache, not both")
+        hidden, p = _cached_hidden(model, batch, prompt_cache), 0  # hidden holds the text positions only
+    else:
+        embeds, mask, p = _with_prompt(model, batch, prompt)
+        hidden = backbone(model)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
     idx = (batch["label_pos"] + p).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
     return hidden.gather(1, idx)
 
 
-def label_logits(model, batch, prompt=None) -> torch.Tensor:
+def label_logits(model, batch, prompt=None, prompt_cache: PromptCache | None = None) -> torch.Tensor:
     """Logits (B, K, V) over the whole vocabulary at the label-predicting positions, in fp32."""
     head = unwrap(model).get_output_embeddings()
-    return head(label_hidden(model, batch, prompt)).float()
+    return head(label_hidden(model, batch, prompt, prompt_cache)).float()
 
 
 def full_logits_at_labels(model, batch, prompt=None) -> torch.Tensor:

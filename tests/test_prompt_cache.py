@@ -1,0 +1,131 @@
+"""The prompt key/value cache (``utils.forward.PromptCache``): the same logits and prompt
+gradient as prepending the prompt to every row, on padded batches; never mutated by the
+batches that use it; used by evaluation and by the SPUL training step."""
+import numpy as np
+import pytest
+import torch
+
+from utils.evaluation import predict
+from utils.forward import PromptCache, cache_compatible, full_logits_at_labels, label_logits
+from utils.models import tiny_llama
+from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
+from utils.spul_loss import SpulObjective
+from utils.template import collate
+
+V, D, P = 48, 32, 5
+
+
+def features():
+    """Rows of different lengths (right padding), one- and two-token labels, forget and retain."""
+    return [
+        {"input_ids": [1, 5, 6, 7, 8], "label_ids": [8], "label": 1, "is_forget": False},
+        {"input_ids": [1, 5, 9, 10, 11, 12, 13, 14, 15], "label_ids": [14, 15], "label": 0, "is_forget": True},
+        {"input_ids": [1, 5, 16, 17], "label_ids": [17], "label": 1, "is_forget": False},
+        {"input_ids": [1, 20, 21, 22, 23, 24, 25], "label_ids": [25], "label": 0, "is_forget": False},
+    ]
+
+
+def padded_batch(rows=None):
+    feats = features()
+    batch = collate([feats[i] for i in (rows or range(len(feats)))], pad_id=0)
+    assert (batch["attention_mask"] == 0).any()  # the test needs padding
+    return batch
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(V, seed=0).eval()
+
+
+@pytest.fixture
+def prompt():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(P, D, generator=g)
+
+
+def test_cached_logits_equal_the_plain_forward_with_the_prompt(model, prompt):
+    batch = padded_batch()
+    with torch.no_grad():
+        plain = label_logits(model, batch, prompt)
+        naive = full_logits_at_labels(model, batch, prompt)  # the model's own full forward
+        cache = PromptCache.build(model, prompt)
+        cached = label_logits(model, batch, prompt_cache=cache)
+        no_prompt = label_logits(model, batch)
+    assert cache.length == P
+    assert cached.shape == plain.shape == (4, 2, V)
+    assert torch.allclose(cached, plain, atol=1e-4, rtol=0)
+    assert torch.allclose(cached, naive, atol=1e-4, rtol=0)
+    assert not torch.allclose(cached, no_prompt, atol=1e-3)  # the cache does carry the prompt
+
+
+def test_cache_is_reused_across_batches_without_being_mutated(model, prompt):
+    with torch.inference_mode():
+        cache = PromptCache.build(model, prompt)
+        stored = [(k.clone(), v.clone()) for k, v in cache.layers]
+        first = label_logits(model, padded_batch(), prompt_cache=cache)
+        other = label_logits(model, padded_batch([1, 2]), prompt_cache=cache)  # another batch size
+        again = label_logits(model, padded_batch(), prompt_cache=cache)
+        want_other = label_logits(model, padded_batch([1, 2]), prompt)
+    assert torch.equal(first, again)
+    assert torch.allclose(other, want_other, atol=1e-4, rtol=0)
+    for (k, v), (k0, v0) in zip(cache.layers, stored):
+        assert k.shape == (1, model.config.num_key_value_heads, P, k.size(-1)) and torch.equal(k, k0) and torch.equal(v, v0)
+    with pytest.raises(ValueError, match="either prompt or prompt_cache"):
+        label_logits(model, padded_batch(), prompt, prompt_cache=cache)
+
+
+def test_gradient_through_the_cache_equals_the_plain_gradient(prompt):
+    model = tiny_llama(V, seed=0).train().requires_grad_(False)  # frozen, as in SPUL
+    batch = padded_batch()
+    grads = []
+    for use_cache in (False, True):
+        p = prompt.clone().requires_grad_(True)
+        logits = label_logits(model, batch, prompt_cache=PromptCache.build(model, p)) if use_cache else label_logits(model, batch, p)
+        torch.log_softmax(logits, -1)[..., 3].sum().backward()
+        grads.append(p.grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_spul_objective_with_and_without_cache_agree():
+    peft_model = add_prompt(tiny_llama(V, seed=0), P, 8, seed=3).train()
+    batch = padded_batch()
+    out = []
+    for use_cache in (False, True):
+        objective = SpulObjective(prompt_embeddings, alpha=1.0, beta=0.5, prompt_cache=use_cache)
+        loss, terms = objective(peft_model, batch)
+        loss.backward()
+        out.append((terms, [p.grad.clone() for p in trainable_parameters(peft_model)]))
+        peft_model.zero_grad(set_to_none=True)
+    (t0, g0), (t1, g1) = out
+    for name in ("L_f", "L_r", "L_kl", "loss"):
+        assert t1[name] == pytest.approx(t0[name], rel=1e-4, abs=1e-6)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
+
+
+def test_activation_checkpointing_falls_back_to_prepending(prompt):
+    model = tiny_llama(V, seed=0).requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert not cache_compatible(model)
+    with pytest.raises(ValueError, match="checkpointing"):
+        label_logits(model, padded_batch(), prompt_cache=PromptCache.build(model, prompt))
+    p = prompt.clone().requires_grad_(True)
+    loss, _ = SpulObjective(lambda m: p, 1.0, 0.0)(model, padded_batch())  # prepends instead
+    loss.backward()
+    assert p.grad.abs().sum() > 0
+    assert cache_compatible(model.eval())
+
+
+def test_predict_with_a_prompt_uses_the_cache_and_matches_the_plain_path(model, prompt, monkeypatch):
+    feats = features() * 3
+    builds = []
+    real_build = PromptCache.build.__func__
+    monkeypatch.setattr(PromptCache, "build", classmethod(lambda cls, m, p: builds.append(1) or real_build(cls, m, p)))
+    pred, restricted = predict(model, feats, 4, "cpu", 0, prompt=prompt, task_ids=[8, 9])
+    assert builds == [1]  # once for the whole split, not per batch
+    with torch.no_grad():
+        logits = label_logits(model, collate(feats, 0), prompt)[:, 0]
+    assert np.array_equal(pred, logits.argmax(-1).numpy())
+    assert np.array_equal(restricted, logits[:, [8, 9]].argmax(-1).numpy())
