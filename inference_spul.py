@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils import cli
+from utils import cli, distributed
 from utils.binding import load_checked
 from utils.checkpoints import load_pretrained
 from utils.data import prepare_splits
@@ -45,6 +45,7 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     splits = prepare_splits(args)
+    cli.check_tokenizer(args)  # --max_length, before any model is loaded
 
     device = select_device()
     if args.model_checkpoints:
@@ -59,10 +60,12 @@ def main(argv=None):
     name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")
     manifest = {"kind": "eval", "evaluated": loaded.manifest, "source": args.model_checkpoints or args.model_name,
                 "prompt_used": prompt is not None, "forced_mismatches": forced, "versions": library_versions()}
-    with atomic_run_dir(out, args.overwrite) as tmp:
-        save_run(tmp, args, metrics, manifest)
-    print(format_table({name: metrics}))
-    print(f"metrics: {out / 'metrics.json'}")
+    if distributed.is_main():  # every process holds the gathered metrics; one writes them
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            save_run(tmp, args, metrics, manifest)
+        print(format_table({name: metrics}))
+        print(f"metrics: {out / 'metrics.json'}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peft import get_peft_model
 
-from utils import cli
+from utils import cli, distributed
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate_splits, format_table
 from utils.forward import label_logits
@@ -38,7 +38,7 @@ def build_parser():
     g.add_argument("--lora_dropout", "--lora_fropout", type=float, default=0.1, help="LoRA dropout (--lora_fropout, the published README's spelling, is accepted too)")
     g.add_argument("--lora_bias", default="none", choices=["none", "all", "lora_only"], help="which biases LoRA trains")
     g.add_argument("--no_quantize", action="store_true", help="train LoRA on the full-precision model instead of 4-bit NF4")
-    cli.add_train_args(p, lr=1e-4, epochs=10, warmup=0.05)
+    cli.add_train_args(p, lr=1e-4, epochs=10, warmup=0.05, save_every=200)
     cli.add_output_args(p)
     return p
 
@@ -60,6 +60,7 @@ def main(argv=None):
     seed_everything(args.seed)
 
     splits = prepare_splits(args)
+    ckpt = cli.check_resume(args, out, splits)
     model_path = resolve_model(args.model_name)
     tokenizer = load_tokenizer(model_path, args.set_pad_id)
     encoder = Encoder(tokenizer, args.max_length)
@@ -70,23 +71,27 @@ def main(argv=None):
     model = prepare_for_training(model, quantized, device)
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_bias, target_modules=lora_target_modules(model))
     model = get_peft_model(model, lora)
-    print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
+    if distributed.is_main():
+        print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
 
     features = training_set(encoder, splits, args.seed)
-    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed)
+    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
     metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device)
 
-    with atomic_run_dir(out, args.overwrite) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = run_manifest(
-            "qlora", args, model_path, splits,
-            quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
-        )
-        save_run(tmp, args, metrics, manifest, stats.as_dict())
-    print(format_table({"QLoRA": metrics}))
-    print(f"run folder: {out}")
+    if distributed.is_main():  # one run folder, whatever the number of processes
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            model.save_pretrained(tmp / "adapter")
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            manifest = run_manifest(
+                "qlora", args, model_path, splits,
+                quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
+            )
+            save_run(tmp, args, metrics, manifest, stats.as_dict())
+        cli.remove_checkpoints(out)
+        print(format_table({"QLoRA": metrics}))
+        print(f"run folder: {out}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

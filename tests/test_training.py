@@ -64,7 +64,8 @@ def test_resume_after_interrupt_is_exact(tmp_path):
     ck = TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "ck"), save_every=3)
     with pytest.raises(Interrupt):
         train(model, model.parameters(), dying, feats, ck, "cpu", 0)
-    assert (tmp_path / "ck" / "last" / "state.pt").is_file()
+    assert (tmp_path / "ck" / "last" / "state.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ck" / "last").iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
 
     torch.manual_seed(123)  # a new process: fresh model, different global RNG
     resumed = make_model()

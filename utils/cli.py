@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import wraps
+from pathlib import Path
 
 from utils.data import DATASETS, DEFAULT_DATASET, SPLITS, DataError
 from utils.runs import RunError
@@ -13,8 +15,16 @@ class UsageError(ValueError):
     """A bad flag value; the message names the flag."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the toolkit's error format: one line on stderr, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +49,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set_pad_id", action="store_true", help="use the EOS token as the padding token (models without a pad token get this anyway)")
 
 
-def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max_grad_norm=0.3) -> None:
+def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max_grad_norm=0.3, save_every=0) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--num_epochs", type=float, default=epochs, help="training epochs (a fraction trains on part of the last epoch)")
@@ -48,6 +58,13 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
     g.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=float, default=warmup, help="share of steps with linear warmup before the cosine decay")
     g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient clipping norm")
+    g.add_argument("--save_every", type=int, default=save_every,
+                   help="save a resumable checkpoint (trainable weights, optimizer, scheduler, RNG, progress) every N "
+                        "optimiser steps into the hidden folder .<output name>.ckpt next to the run folder, removed "
+                        "once the run folder is complete; 0: no checkpoints")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (same command and flags; "
+                        "starts from step 0 when there is none)")
 
 
 def add_output_args(p) -> None:
@@ -64,6 +81,8 @@ def check_common(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise UsageError(f"--{name} {v}: must be at least 1")
+    if getattr(args, "save_every", 0) < 0:
+        raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
     positive = ("lr", "num_epochs", "train_batch_size", "eval_batch_size", "max_length")
     for name in positive:
         if hasattr(args, name) and getattr(args, name) <= 0:
@@ -98,3 +117,90 @@ def check_max_length(encoder, words) -> None:
     need = encoder.min_length(words)
     if encoder.max_length < need:
         raise UsageError(f"--max_length {encoder.max_length}: too short to hold the template and the label (need at least {need})")
+
+
+def check_tokenizer(args) -> None:
+    """``--max_length`` against the tokenizer the run will use, loaded without the model: the
+    run folder's ``tokenizer/`` with ``--model_checkpoints``, else ``--model_name``'s (which also
+    checks that the model name resolves)."""
+    from utils.models import load_tokenizer, resolve_model, short_reason
+    from utils.runs import RunError
+    from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+
+    if getattr(args, "model_checkpoints", None):
+        flag, path = "--model_checkpoints", Path(args.model_checkpoints) / "tokenizer"
+        if not path.is_dir():
+            raise RunError(f"--model_checkpoints {args.model_checkpoints}: has no tokenizer/ folder (an incomplete run?)")
+    else:
+        flag, path = "--model_name", resolve_model(args.model_name)
+    try:
+        tokenizer = load_tokenizer(path, getattr(args, "set_pad_id", False))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{flag} {path}: cannot load its tokenizer ({short_reason(e)})") from e
+    check_max_length(Encoder(tokenizer, args.max_length), LABEL_WORDS + GENERIC_LABELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable checkpoints (--save_every, --resume)
+# ---------------------------------------------------------------------------------------------
+
+UNBOUND = ("resume", "save_every", "overwrite", "output_path")  # flags a resumed run may change
+
+
+def checkpoint_dir(out) -> Path:
+    """The hidden sibling of the run folder that holds its checkpoints while it trains."""
+    out = Path(out)
+    return out.parent / f".{out.name}.ckpt"
+
+
+def run_fingerprint(args, splits) -> dict:
+    """What a checkpoint is bound to: every flag that can change training, and the data."""
+    from utils.data import split_fingerprint
+
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in UNBOUND}
+    data = {s: f["sha256"] for s, f in split_fingerprint(splits).items()}
+    return json.loads(json.dumps({"flags": flags, "splits": data}, default=str))
+
+
+def check_resume(args, out, splits) -> dict:
+    """Before any model is loaded: with ``--resume``, the checkpoint next to ``out`` must come
+    from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing."""
+    from utils import distributed
+    from utils.training import read_checkpoint_info
+
+    folder = checkpoint_dir(out)
+    fingerprint = run_fingerprint(args, splits)
+    found = read_checkpoint_info(folder)
+    say = distributed.is_main()
+    if args.resume and found is None and say:
+        print(f"warning: --resume: no checkpoint in {folder}; starting from step 0", file=sys.stderr)
+    if args.resume and found is not None:
+        old = found["fingerprint"] or {}
+        if old != fingerprint:
+            differ = _differences(old, fingerprint)
+            raise UsageError(
+                f"--resume: the checkpoint in {folder} was written by a run with other settings ({differ}); "
+                f"rerun with the same flags and data, or drop --resume to start over"
+            )
+    if not args.resume and found is not None and say:
+        print(f"warning: {folder} holds a checkpoint of an interrupted run (step {found['steps']}); "
+              f"starting over (pass --resume to continue it)", file=sys.stderr)
+    return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint}
+
+
+def _differences(old: dict, new: dict, limit: int = 4) -> str:
+    out = []
+    for key in ("flags", "splits"):
+        a, b = old.get(key) or {}, new.get(key) or {}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out.append(f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" if key == "flags" else f"data split {k}")
+    more = f", and {len(out) - limit} more" if len(out) > limit else ""
+    return ", ".join(out[:limit]) + more
+
+
+def remove_checkpoints(out) -> None:
+    """Once the run folder is complete its checkpoints are no longer needed."""
+    import shutil
+
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from utils import distributed
 from utils.data import SPLITS, encode_frame
 from utils.forward import PromptCache, label_logits, to_device
 from utils.metrics import classification_metrics, map_predictions
@@ -29,15 +30,26 @@ def length_batches(features: list[dict], batch_size: int) -> list[list[int]]:
 @torch.inference_mode()
 def predict(model, features, batch_size, device, pad_id, prompt=None, task_ids=None, desc="eval"):
     """Per example: argmax vocabulary id and argmax over the task labels only. A prompt's
-    key/value cache is computed once here and reused by every batch (``PromptCache``)."""
+    key/value cache is computed once here and reused by every batch (``PromptCache``).
+
+    Under several processes the length-sorted batches are dealt out round-robin (each example
+    runs in the same batch as in one process) and the predictions are gathered by example
+    index, each exactly once, so every rank returns the single-process result."""
     cache = PromptCache.build(model, prompt) if prompt is not None else None
     pred = np.zeros(len(features), dtype=np.int64)
     restricted = np.zeros(len(features), dtype=np.int64)
-    for idx in tqdm(length_batches(features, batch_size), desc=desc, unit="batch", leave=False):
+    mine = distributed.shard(length_batches(features, batch_size))  # all batches in one process
+    for idx in tqdm(mine, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
         batch = to_device(collate([features[i] for i in idx], pad_id), device)
         logits = label_logits(model, batch, prompt_cache=cache)[:, 0]  # first label token
         pred[idx] = logits.argmax(-1).cpu().numpy()
         restricted[idx] = logits[:, task_ids].argmax(-1).cpu().numpy()
+    if distributed.world_size() > 1:
+        done = [i for idx in mine for i in idx]
+        parts = distributed.gather_objects((done, list(zip(pred[done].tolist(), restricted[done].tolist()))))
+        merged = distributed.merge_by_index(parts, len(features))
+        pred = np.array([m[0] for m in merged], dtype=np.int64)
+        restricted = np.array([m[1] for m in merged], dtype=np.int64)
     return pred, restricted
 
 

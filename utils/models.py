@@ -196,8 +196,13 @@ def hub_model_reachable(name: str) -> bool:
 
 
 def select_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when available, else CPU. Under a launcher with several processes each takes the
+    GPU of its ``LOCAL_RANK``."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from utils.distributed import launched_world_size, local_rank
+
+    return torch.device("cuda", local_rank()) if launched_world_size() > 1 else torch.device("cuda")
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
