@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils import cli
+from utils import cli, distributed
 from utils.baselines import (
     METHODS,
     AdapterOffReference,
@@ -105,6 +105,8 @@ def main(argv=None):
     qlora_manifest = read_manifest(Path(args.model_checkpoints), kinds=("qlora",)) if args.model_checkpoints else None
     seed_everything(args.seed)
     splits = prepare_splits(args)
+    cli.check_tokenizer(args)  # --max_length, before any model is loaded
+    ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
     loaded = load_run(args.model_checkpoints, device, kinds=("qlora",)) if args.model_checkpoints else load_pretrained(args.model_name, device, args.set_pad_id)
@@ -134,12 +136,13 @@ def main(argv=None):
         reference = build_reference_store(model, method, features, args.eval_batch_size, device, tokenizer.pad_token_id,
                                           args.kl_topk, weight) if needs_reference else NoReference()
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"device {device}, method {args.unlearn_method}, {'LoRA' if args.lora else 'full fine-tuning'}, "
-          f"{len(features)} training samples, trainable parameters {sum(p.numel() for p in params):,}, "
-          f"reference {reference.stats}")
+    if distributed.is_main():
+        print(f"device {device}, method {args.unlearn_method}, {'LoRA' if args.lora else 'full fine-tuning'}, "
+              f"{len(features)} training samples, trainable parameters {sum(p.numel() for p in params):,}, "
+              f"reference {reference.stats}")
 
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio,
-                      args.max_grad_norm, args.seed, log_every=1)
+                      args.max_grad_norm, args.seed, log_every=1, **ckpt)
     try:
         stats = train(model, params, make_loss_fn(method, reference, weights), features, cfg, device,
                       tokenizer.pad_token_id, desc=args.unlearn_method)
@@ -151,24 +154,27 @@ def main(argv=None):
         sys.exit(1)
     metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device)
 
-    with atomic_run_dir(out, args.overwrite) as tmp:
-        saved = save_unlearned(tmp, model, args.lora, args.model_checkpoints)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = run_manifest(
-            "baseline", args, loaded.model_path, splits,
-            method=args.unlearn_method,
-            loss_weights={"retain": weight if method.retain_term else None, "retain_term": method.retain_term,
-                          "npo_beta": args.npo_beta if method.ref_logprob else None},
-            lora=args.lora,
-            qlora_run=str(args.model_checkpoints) if args.model_checkpoints else None,
-            qlora_adapter_sha256=qlora_manifest.get("adapter_sha256") if qlora_manifest else None,
-            qlora_base_weights_sha256=qlora_manifest.get("base_weights_sha256") if qlora_manifest else None,
-            reference={k: v for k, v in reference.stats.items() if k != "seconds"},
-            saved=saved,
-        )
-        save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
-    print(format_table({args.unlearn_method: metrics}))
-    print(f"run folder: {out}")
+    if distributed.is_main():  # one run folder, whatever the number of processes
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            saved = save_unlearned(tmp, model, args.lora, args.model_checkpoints)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            manifest = run_manifest(
+                "baseline", args, loaded.model_path, splits,
+                method=args.unlearn_method,
+                loss_weights={"retain": weight if method.retain_term else None, "retain_term": method.retain_term,
+                              "npo_beta": args.npo_beta if method.ref_logprob else None},
+                lora=args.lora,
+                qlora_run=str(args.model_checkpoints) if args.model_checkpoints else None,
+                qlora_adapter_sha256=qlora_manifest.get("adapter_sha256") if qlora_manifest else None,
+                qlora_base_weights_sha256=qlora_manifest.get("base_weights_sha256") if qlora_manifest else None,
+                reference={k: v for k, v in reference.stats.items() if k != "seconds"},
+                saved=saved,
+            )
+            save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
+        cli.remove_checkpoints(out)
+        print(format_table({args.unlearn_method: metrics}))
+        print(f"run folder: {out}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from utils import cli
+from utils import cli, distributed
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate_splits, format_table
 from utils.models import DEFAULT_MODEL, select_device
@@ -37,7 +37,7 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
-    cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3)
+    cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3, save_every=200)
     cli.add_output_args(p)
     return p
 
@@ -72,6 +72,8 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     splits = prepare_splits(args)
+    cli.check_tokenizer(args)  # --max_length, before any model is loaded
+    ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
     source, forced = load_frozen_source(args, device)
@@ -81,23 +83,27 @@ def main(argv=None):
     model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed)
     if args.resume_from:
         resume_encoder(model, args)
-    print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
+    if distributed.is_main():
+        print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
     features = training_set(encoder, splits, args.seed, relabel_forget=True)
     objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
-    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed)
+    cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")
     with torch.no_grad():
         prompt = prompt_embeddings(model).detach()
     metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
 
-    with atomic_run_dir(out, args.overwrite) as tmp:
-        save_prompt(model, tmp)
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
-        save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
-    print(format_table({"SPUL": metrics}))
-    print(f"run folder: {out}")
+    if distributed.is_main():  # one run folder, whatever the number of processes
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            save_prompt(model, tmp)
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
+            save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
+        cli.remove_checkpoints(out)
+        print(format_table({"SPUL": metrics}))
+        print(f"run folder: {out}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":
