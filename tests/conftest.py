@@ -35,3 +35,23 @@ TINY_DATA_ARGS = ["--dataset", "sst2", "--max_per_split", "12", "--max_length", 
 @pytest.fixture
 def tiny_data_args(shared_data):
     return ["--data_root", str(shared_data)] + TINY_DATA_ARGS
+
+
+SPLIT_NAMES = ("train_retain", "train_forget", "test_retain", "test_forget")
+
+
+def write_splits(folder, rows=8, **frames):
+    """Four tiny CSV splits (``text,label``, labels alternating) in ``folder``; a keyword
+    ``split=DataFrame`` replaces that split, ``split=None`` leaves it out. Returns the folder."""
+    import pandas as pd
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in SPLIT_NAMES:
+        df = frames.get(split, pd.DataFrame({
+            "text": [f"{split} review {i}: {'quite good fun' if i % 2 else 'rather dull and bad'}" for i in range(rows)],
+            "label": [i % 2 for i in range(rows)],
+        }))
+        if df is not None:
+            df.to_csv(folder / f"{split}.csv", index=False)
+    return folder

@@ -124,10 +124,11 @@ def check_tokenizer(args) -> None:
     run folder's ``tokenizer/`` with ``--model_checkpoints``, else ``--model_name``'s (which also
     checks that the model name resolves)."""
     from utils.models import load_tokenizer, resolve_model, short_reason
-    from utils.runs import RunError
+    from utils.runs import RunError, read_manifest
     from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
 
     if getattr(args, "model_checkpoints", None):
+        read_manifest(Path(args.model_checkpoints), "--model_checkpoints")  # a run folder at all
         flag, path = "--model_checkpoints", Path(args.model_checkpoints) / "tokenizer"
         if not path.is_dir():
             raise RunError(f"--model_checkpoints {args.model_checkpoints}: has no tokenizer/ folder (an incomplete run?)")

@@ -83,8 +83,10 @@ def _check_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     labels = pd.to_numeric(df["label"], errors="coerce")
     bad = ~labels.isin(range(len(LABEL_WORDS)))
     if bad.any():
+        value = df["label"][bad].iloc[0]
+        value = value.item() if hasattr(value, "item") else value  # 2, not np.int64(2)
         raise DataError(
-            f"{where}: label {df['label'][bad].iloc[0]!r} is outside the task's label set "
+            f"{where}: label {value!r} is outside the task's label set "
             f"{{0: negative, 1: positive}}"
         )
     out = pd.DataFrame({"text": df["text"].fillna("").astype(str), "label": labels.astype(int)})

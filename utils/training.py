@@ -67,6 +67,7 @@ class TrainStats:
     tokens_per_second: float = 0.0
     peak_memory_mb: float = 0.0
     losses: list = field(default_factory=list)  # (step, loss, {term: value})
+    processes: int = 1  # data-parallel processes (utils.distributed)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -195,13 +196,14 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     world = distributed.world_size()
     main_rank = distributed.is_main()
     distributed.broadcast_parameters(params)
-    stats = TrainStats(trainable_params=sum(p.numel() for p in params))
+    stats = TrainStats(trainable_params=sum(p.numel() for p in params), processes=world)
     per_epoch = math.ceil(len(features) / cfg.batch_size)
     total = max(1, math.ceil(per_epoch * cfg.num_epochs))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume and ckpt_dir is not None and load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats):
+        stats.processes = world
         if main_rank:
             print(f"{desc}: resumed from {ckpt_dir} at step {stats.steps}/{total}")
     if torch.device(device).type == "cuda":
