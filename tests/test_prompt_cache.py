@@ -129,3 +129,22 @@ def test_predict_with_a_prompt_uses_the_cache_and_matches_the_plain_path(model, 
         logits = label_logits(model, collate(feats, 0), prompt)[:, 0]
     assert np.array_equal(pred, logits.argmax(-1).numpy())
     assert np.array_equal(restricted, logits[:, [8, 9]].argmax(-1).numpy())
+
+
+def test_reference_hidden_cache_gives_the_on_the_fly_reference():
+    """Opt-in reference cache: same loss terms as the on-the-fly reference, a forward only on
+    the first visit of a sample, d floats per label position kept."""
+    peft_model = add_prompt(tiny_llama(V, seed=0), P, 8, seed=3).train()
+    on_the_fly = SpulObjective(prompt_embeddings, alpha=1.0, beta=1.0)
+    cached = SpulObjective(prompt_embeddings, alpha=1.0, beta=1.0, reference_cache=True)
+    first, second = padded_batch(), padded_batch([3, 2, 0])  # second: the same samples, another batch
+    for batch in (first, second, first):
+        _, want = on_the_fly(peft_model, batch)
+        _, got = cached(peft_model, batch)
+        for name in ("L_kl", "loss"):
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-7)
+    cost = cached.cost()
+    assert cost["reference_cache_misses"] == 3 and cost["reference_cache_hits"] == 6  # 3 retain rows
+    labels = 1 + 1 + 1  # label tokens of the retain rows (features 0, 2, 3)
+    assert cost["bytes_kept_between_steps"] == labels * D * 4
+    assert on_the_fly.cost()["bytes_kept_between_steps"] == 0

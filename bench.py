@@ -1,0 +1,904 @@
+#!/usr/bin/env python
+"""Benchmark the cost of SPUL against QLoRA and the fine-tuning unlearning baselines, in one
+process, on one model, one data set and one batch shape. Prints a table and writes JSON:
+
+- training step time and training tokens/s of QLoRA, SPUL and every baseline of the registry
+  (GA, RL, GA+KL, GA+GD, NPO), timed round-robin on the same batches (median over --steps);
+- evaluation throughput with logits at the label-predicting positions only, against a naive
+  forward that computes full-vocabulary logits at every position;
+- bytes kept for the GA+KL / NPO reference, against a full-vocabulary fp32 cache of every
+  training example (n_train x vocab x 4);
+- peak memory of a SPUL training run (utils.training.train), against one copy of the model's
+  weights (CPU: peak resident set size above the process before the model was loaded; CUDA:
+  peak allocated memory);
+- achieved FLOP/s of the SPUL step (matmul and attention FLOPs of forward and backward,
+  counted with torch.utils.flop_counter on the timed batches) against a dense-matmul peak
+  measured in the same process, same dtype and threads;
+- inference with the soft prompt (through its key/value cache, and prepended to every row)
+  against inference without it;
+
+then every target of the performance issue with the achieved ratio and met / not met.
+--levers also measures the other levers (threads, torch.inference_mode, length-grouped
+batches, gradient checkpointing, bf16 on CPU, GQA inside SDPA).
+
+The full fine-tuning baselines share one model copy and one AdamW state (a step's cost does
+not depend on the weights' values), so that all methods fit in memory and run interleaved:
+contention from other processes then falls on every method alike."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils import cli
+from utils.baselines import METHODS, NoReference, Weights, build_reference_store, make_loss_fn
+from utils.data import encode_frame, prepare_splits, training_set
+from utils.evaluation import length_batches
+from utils.forward import PromptCache, full_logits_at_labels, label_logits, to_device, unwrap
+from utils.models import (
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    lora_target_modules,
+    prepare_for_training,
+    resolve_model,
+    select_device,
+    set_pad_token_id,
+)
+from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
+from utils.spul_loss import SpulObjective
+from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder, collate
+from utils.training import TrainConfig, epoch_batches, seed_everything, train
+
+BASELINE_LABELS = {  # display names of the registry's methods (utils.baselines.METHODS)
+    "gradient_ascent": "GA",
+    "random_label": "RL",
+    "gradient_ascent_kl": "GA+KL",
+    "gradient_ascent_descent": "GA+GD",
+    "npo": "NPO",
+}
+# each entry point's default learning rate and clipping (they do not change a step's cost)
+LR = {"qlora": 1e-4, "spul": 1e-4, "baseline": 1e-5}
+WEIGHT_DECAY, MAX_GRAD_NORM = 0.001, 0.3
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_data_args(p)
+    cli.add_model_args(p)
+    g = p.add_argument_group("batch shape and repetitions")
+    g.add_argument("--batch_size", type=int, default=8, help="examples per training step, the same for every method")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="examples per evaluation forward (default: --batch_size)")
+    g.add_argument("--steps", type=int, default=3, help="timed training steps per method (round-robin over the methods, each round on a new batch)")
+    g.add_argument("--warmup_steps", type=int, default=1, help="untimed training steps per method before timing")
+    g.add_argument("--memory_steps", type=int, default=None, help="SPUL steps of the peak-memory training run (default: --steps)")
+    g.add_argument("--eval_batches", type=int, default=3, help="evaluation batches per timed pass")
+    g.add_argument("--eval_rounds", type=int, default=2, help="timed passes per evaluation path (interleaved)")
+    g.add_argument("--flop_steps", type=int, default=None, help="timed SPUL and GA+GD steps whose FLOPs are counted (default: all timed steps)")
+    g.add_argument("--quick", action="store_true", help="smoke run: 1 step per figure, 1 eval batch, small matmul (for tests on a tiny model)")
+    g = p.add_argument_group("methods")
+    g.add_argument("--ptuning_num_tokens", type=int, default=30, help="SPUL: number p of virtual tokens")
+    g.add_argument("--ptuning_hidden_size", type=int, default=128, help="SPUL: hidden size of the prompt encoder's MLP")
+    g.add_argument("--alpha", type=float, default=1.0, help="SPUL: weight of the retain CE")
+    g.add_argument("--beta", type=float, default=0.5, help="SPUL: weight of the KL term (0 skips the reference forward)")
+    g.add_argument("--kl_topk", type=int, default=64, help="GA+KL: top-k log-probs kept per label position by the reference store")
+    g.add_argument("--npo_beta", type=float, default=0.1, help="NPO's beta")
+    g.add_argument("--lora_rank", type=int, default=16, help="QLoRA: LoRA rank")
+    g.add_argument("--no_quantize", action="store_true", help="QLoRA row: LoRA on the full-precision model instead of 4-bit NF4")
+    g = p.add_argument_group("machine")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    g.add_argument("--matmul_size", type=int, default=None, help="n of the n x n x n matmul that measures the peak (default 2048 on CPU, 8192 on CUDA)")
+    g.add_argument("--levers", action="store_true", help="also measure the other levers (threads, inference_mode, length grouping, gradient checkpointing, bf16 on CPU, GQA in SDPA)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="JSON file to write (default: runs/bench/<model>-<dataset>.json)")
+    return p
+
+
+def check_args(args) -> None:
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    cli.check_common(args)
+    if args.quick:
+        args.steps, args.warmup_steps, args.memory_steps, args.eval_batches, args.eval_rounds = 1, 0, 1, 1, 1
+        args.matmul_size = args.matmul_size or 256
+    args.memory_steps = args.memory_steps or args.steps
+    args.flop_steps = min(args.flop_steps or args.steps, args.steps)
+    positive = ("batch_size", "eval_batch_size", "steps", "memory_steps", "eval_batches", "eval_rounds", "ptuning_num_tokens",
+                "ptuning_hidden_size", "lora_rank", "flop_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise cli.UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.warmup_steps < 0 or args.kl_topk < 0 or args.alpha < 0 or args.beta < 0 or args.npo_beta <= 0:
+        raise cli.UsageError("--warmup_steps, --kl_topk, --alpha, --beta must be >= 0 and --npo_beta > 0")
+    if args.threads is not None and args.threads < 1:
+        raise cli.UsageError(f"--threads {args.threads}: must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clocks, memory, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory over a block. CUDA: peak allocated bytes (reset at the start). CPU: the
+    peak resident set size (VmHWM, reset at the start through /proc/self/clear_refs; where
+    that is impossible, the process's lifetime peak, flagged ``lifetime``)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.start = self.peak = 0
+        self.lifetime = False
+
+    @property
+    def delta(self) -> int:
+        """Peak above what was held when the block started."""
+        return self.peak - self.start
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = rss_bytes()
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.lifetime = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            kb = None if self.lifetime else _status_kb("VmHWM")
+            self.lifetime = kb is None
+            self.peak = kb * 1024 if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return False
+
+
+class SavedActivations:
+    """Wraps a ``loss_fn`` and records, per call, the bytes of the tensors autograd saves for
+    the backward pass (unique storages, the model's own weights excluded): the activation
+    memory of a step, independent of the allocator."""
+
+    def __init__(self, loss_fn, model):
+        self.loss_fn = loss_fn
+        self.weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        self.per_step = []
+
+    def __call__(self, model, batch):
+        seen, total = set(self.weights), [0]
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.loss_fn(model, batch)
+        self.per_step.append(total[0])
+        return out
+
+
+def model_bytes(module) -> int:
+    """Bytes of one copy of a model's weights: parameters and buffers, shared storage once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """torch's FLOP counter (mm, addmm, bmm, SDPA forward and backward), plus the CPU flash
+    attention kernels it does not know."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    extra = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward)):
+        if hasattr(aten, name):
+            extra[getattr(aten, name)] = fn
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def matmul_peak(n: int, dtype, device, repeats: int = 3) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on ``device``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_batches(is_forget: list[bool], batch_size: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` batches of ``batch_size`` training examples with the training set's forget share
+    (at least one forget and one retain example each when the batch has room), drawn from
+    seeded permutations of each side (cycled when exhausted): every batch has the expected
+    composition, and GA/NPO always have forget samples and GA+KL retain samples to work on."""
+    forget = [i for i, f in enumerate(is_forget) if f]
+    retain = [i for i, f in enumerate(is_forget) if not f]
+    if not forget or not retain:
+        raise cli.UsageError("the training set needs both forget and retain examples")
+    share = len(forget) / len(is_forget)
+    n_forget = min(max(1, round(batch_size * share)), max(batch_size - 1, 1))
+    rng = np.random.default_rng([seed, 5])
+    streams = {"forget": (forget, []), "retain": (retain, [])}
+
+    def take(side, k):
+        pool, buf = streams[side]
+        while len(buf) < k:
+            buf += rng.permutation(pool).tolist()
+        out, streams[side] = buf[:k], (pool, buf[k:])
+        return out
+
+    batches = []
+    for _ in range(count):
+        rows = take("forget", n_forget) + take("retain", batch_size - n_forget)
+        batches.append([rows[i] for i in rng.permutation(len(rows))])
+    return batches
+
+
+@dataclass
+class Data:
+    """Per-round training batches over a bench training set (each sample tagged with its
+    ``index``), in two labelings: true labels, and generic labels for forget samples."""
+
+    plain: list[dict]
+    generic: list[dict]
+    batches: list[list[int]]  # indices into plain/generic, one batch per round
+    eval_feats: list[dict]
+    eval_batches: list[list[int]]
+    vocab_size: int = 0  # the model's output vocabulary, set once the model is loaded
+
+    def features(self, relabel_forget: bool) -> list[dict]:
+        return self.generic if relabel_forget else self.plain
+
+
+def build_data(args, encoder, splits) -> Data:
+    plain_all = training_set(encoder, splits, args.seed)
+    generic_all = training_set(encoder, splits, args.seed, relabel_forget=True)
+    rounds = args.warmup_steps + args.steps
+    drawn = draw_batches([f["is_forget"] for f in plain_all], args.batch_size, rounds, args.seed)
+    order = [i for b in drawn for i in b]
+    plain = [{**plain_all[i], "index": k} for k, i in enumerate(order)]
+    generic = [{**generic_all[i], "index": k} for k, i in enumerate(order)]
+    batches = [list(range(r * args.batch_size, (r + 1) * args.batch_size)) for r in range(rounds)]
+    test = encode_frame(encoder, splits["test_retain"], is_forget=False)
+    n_eval = min(len(test), args.eval_batches * args.eval_batch_size)
+    pick = np.random.default_rng([args.seed, 11]).choice(len(test), n_eval, replace=False)
+    eval_feats = [test[i] for i in sorted(pick)]
+    return Data(plain, generic, batches, eval_feats, length_batches(eval_feats, args.eval_batch_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training methods: one Trainer per table row
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """One method's training step, as utils.training.train takes it: loss, backward, clipping,
+    AdamW step."""
+
+    name: str
+    model: torch.nn.Module
+    params: list
+    loss_fn: Callable
+    features: list[dict]
+    optimizer: torch.optim.Optimizer
+    note: str = ""
+    prepare: Callable | None = None  # untimed, before the rounds; returns extra figures for the row
+    extra: dict = field(default_factory=dict)
+    times: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    flops: list = field(default_factory=list)
+    peak_bytes: list = field(default_factory=list)
+
+    def batch(self, idx, device, pad_id):
+        return to_device(collate([self.features[i] for i in idx], pad_id), device)
+
+    def step(self, batch) -> None:
+        loss, _ = self.loss_fn(self.model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def count_flops(self, batch) -> int:
+        """Matmul/attention FLOPs of the loss's forward and backward on ``batch`` (no update)."""
+        counter = flop_counter()
+        with counter:
+            loss, _ = self.loss_fn(self.model, batch)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def adamw(params, lr):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+
+
+@dataclass
+class Bench:
+    args: object
+    device: torch.device
+    model_path: str
+    tokenizer: object
+    data: Data
+    dtype: torch.dtype
+    results: dict = field(default_factory=dict)
+    spul_model: torch.nn.Module | None = None
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def load(self, quantize=False):
+        model, quantized = load_model(self.model_path, self.device, quantize=quantize, tokenizer=self.tokenizer)
+        return model, quantized
+
+
+def qlora_trainers(bench: Bench) -> list[Trainer]:
+    """qlora.py's step: 4-bit NF4 base (or full precision with --no_quantize, or when
+    bitsandbytes cannot), LoRA on the attention projections, label CE."""
+    from peft import get_peft_model
+
+    from qlora import label_ce
+
+    model, quantized = bench.load(quantize=not bench.args.no_quantize)
+    model = prepare_for_training(model, quantized, bench.device)
+    model = get_peft_model(model, lora_config(bench.args.lora_rank, target_modules=lora_target_modules(model)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    note = ("4-bit NF4 + LoRA" if quantized else "LoRA on full precision (no 4-bit)") + f" r={bench.args.lora_rank}"
+    return [Trainer("QLoRA", model, params, label_ce, bench.data.plain, adamw(params, LR["qlora"]), note)]
+
+
+def spul_trainers(bench: Bench) -> list[Trainer]:
+    """spul.py's step on the frozen model (the one of the memory run): the prompt through its
+    key/value cache with the reference on the fly (as spul.py trains); for comparison the
+    prompt prepended to every row, and the opt-in reference cache in its steady state (every
+    epoch after the first: the cache is filled over the bench batches before timing)."""
+    model, args = bench.spul_model, bench.args
+    params = trainable_parameters(model)
+    variants = (
+        ("SPUL", {}, "prompt KV cache, reference on the fly (spul.py)"),
+        ("SPUL, prompt prepended", {"prompt_cache": False}, "prompt prepended to every row, reference on the fly"),
+        ("SPUL, reference cached", {"reference_cache": True}, "prompt KV cache, opt-in reference cache, epochs 2+"),
+    )
+    rows = []
+    for name, options, note in variants:
+        objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, **options)
+        prepare = (lambda t: fill_reference_cache(bench, t)) if options.get("reference_cache") else None
+        rows.append(Trainer(name, model, params, objective, bench.data.generic, adamw(params, LR["spul"]),
+                            f"p={args.ptuning_num_tokens}, beta={args.beta:g}, {note}", prepare))
+    return rows
+
+
+def fill_reference_cache(bench: Bench, t: Trainer) -> dict:
+    """The first epoch of the reference cache: one visit of every bench batch."""
+    t.model.train()
+    seconds = sum(timed(lambda: t.loss_fn.reference(t.model, t.batch(idx, bench.device, bench.pad_id)), bench.device)[0]
+                  for idx in bench.data.batches)
+    cost = t.loss_fn.cost()
+    full = len(bench.data.generic) * bench.data.vocab_size * 4
+    return {"first_visit_reference_seconds_per_step": seconds / len(bench.data.batches),
+            "reference_cache_bytes": cost["bytes_kept_between_steps"],
+            "reference_cache_ratio_to_full_cache": cost["bytes_kept_between_steps"] / full}
+
+
+def baseline_trainers(bench: Bench) -> list[Trainer]:
+    """Every method of utils.baselines.METHODS, full fine-tuning of one shared model copy, each
+    with its registry loss and the reference it needs (built here, before any update)."""
+    args = bench.args
+    model, _ = bench.load()
+    model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, LR["baseline"])
+    rows, refs = [], {}
+    for key, method in METHODS.items():
+        feats = bench.data.features(method.relabel_forget)
+        weight = method.default_weight
+        if method.ref_logprob or (method.ref_dist and weight > 0):
+            reference = build_reference_store(model, method, feats, args.eval_batch_size, bench.device, bench.pad_id, args.kl_topk, weight)
+            refs[BASELINE_LABELS.get(key, key)] = reference.stats
+        else:
+            reference = NoReference()
+        loss_fn = make_loss_fn(method, reference, Weights(retain=weight, npo_beta=args.npo_beta))
+        note = "full fine-tuning" + (f", retain weight {weight:g}" if method.retain_term else "")
+        rows.append(Trainer(BASELINE_LABELS.get(key, key), model, params, loss_fn, feats, optimizer, note))
+    bench.results["reference"] = reference_figures(bench, refs)
+    return rows
+
+
+TRAINER_BUILDERS = (qlora_trainers, spul_trainers, baseline_trainers)
+
+
+def reference_figures(bench: Bench, refs: dict) -> dict:
+    n, vocab = len(bench.data.plain), bench.data.vocab_size
+    full = n * vocab * 4
+    rows = {name: {"bytes": s["bytes"], "entries_logprob": s["entries_logprob"], "entries_distribution": s["entries_distribution"],
+                   "kl_topk": s["kl_topk"], "build_seconds": s["seconds"], "ratio_to_full_cache": s["bytes"] / full}
+            for name, s in refs.items()}
+    rows["SPUL"] = {"bytes": 0, "note": "on-the-fly reference (same frozen model, prompt bypassed): nothing kept between steps",
+                    "ratio_to_full_cache": 0.0}
+    return {"n_train": n, "vocab_size": vocab, "full_vocab_fp32_cache_bytes": full, "methods": rows,
+            "max_bytes": max(r["bytes"] for r in rows.values())}
+
+
+def run_rounds(bench: Bench, trainers: list[Trainer], peaks: list) -> None:
+    """Warm-up rounds, then timed rounds; each round runs every method once on that round's
+    batch (the order rotates per round) and measures the matmul peak once."""
+    args = bench.args
+    for r, idx in enumerate(bench.data.batches):
+        timed_round = r >= args.warmup_steps
+        order = trainers[r % len(trainers):] + trainers[: r % len(trainers)]
+        for t in order:
+            t.model.train()
+            batch = t.batch(idx, bench.device, bench.pad_id)
+            with PeakMemory(bench.device) as mem:
+                seconds, _ = timed(lambda: t.step(batch), bench.device)
+            if timed_round:
+                t.times.append(seconds)
+                t.tokens.append(int(batch["num_tokens"].sum()))
+                t.peak_bytes.append(mem.peak)
+            print(f"  round {r + 1}/{len(bench.data.batches)} {'timed' if timed_round else 'warm-up'}: {t.name} {seconds:.3f} s", file=sys.stderr)
+        if timed_round:
+            peaks.append(matmul_peak(args.matmul_size, bench.dtype, bench.device))
+
+
+def count_flops(bench: Bench, trainers: list[Trainer], names=("SPUL", "GA+GD")) -> None:
+    """FLOPs of the timed batches of the named methods (in a separate, untimed pass)."""
+    timed_batches = bench.data.batches[bench.args.warmup_steps:][: bench.args.flop_steps]
+    for t in trainers:
+        if t.name in names:
+            t.model.train()
+            t.flops = [t.count_flops(t.batch(idx, bench.device, bench.pad_id)) for idx in timed_batches]
+
+
+def trainer_row(t: Trainer, peak_flops: float, cuda: bool) -> dict:
+    row = {
+        "note": t.note,
+        "trainable_params": sum(p.numel() for p in t.params),
+        "step_seconds_median": statistics.median(t.times),
+        "step_seconds": t.times,
+        "tokens_per_step": t.tokens,
+        "tokens_per_second": sum(t.tokens) / sum(t.times),
+        **t.extra,
+    }
+    if t.flops:
+        k = len(t.flops)
+        achieved = sum(t.flops) / sum(t.times[:k])
+        row.update(flops_per_step=t.flops, achieved_flops_per_second=achieved, share_of_matmul_peak=achieved / peak_flops)
+    if cuda:
+        row["peak_allocated_bytes"] = max(t.peak_bytes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of a SPUL training run
+# ---------------------------------------------------------------------------------------------
+
+
+def spul_memory_run(bench: Bench, rss_before_model: int) -> None:
+    """Load the frozen model, add the prompt, train SPUL for --memory_steps steps with the real
+    training loop; peak memory against one copy of the model's weights."""
+    args = bench.args
+    model, _ = bench.load()
+    rss_model = rss_bytes()
+    model = add_prompt(model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed)
+    weights = model_bytes(unwrap(model))
+    feats = bench.data.generic[: args.memory_steps * args.batch_size]
+    cfg = TrainConfig(lr=LR["spul"], num_epochs=1, batch_size=args.batch_size, weight_decay=WEIGHT_DECAY, warmup_ratio=0.1,
+                      max_grad_norm=MAX_GRAD_NORM, seed=args.seed)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
+    saved = SavedActivations(objective, model)
+    with PeakMemory(bench.device) as mem:
+        stats = train(model, trainable_parameters(model), saved, feats, cfg, bench.device, bench.pad_id, desc="spul memory run")
+    tokens = sum(len(f["input_ids"]) for f in feats)  # every step of the run, real (non-pad) text tokens
+    cuda = bench.device.type == "cuda"
+    used = mem.peak if cuda else mem.peak - rss_before_model
+    bench.spul_model = model
+    bench.results["memory"] = {
+        "what": "peak allocated CUDA memory" if cuda else "peak RSS of the process minus its RSS before the model was loaded",
+        "model_weights_bytes": weights,
+        "spul_peak_bytes": used,
+        "ratio": used / weights,
+        "steps": stats.steps,
+        "process_rss_before_model_bytes": None if cuda else rss_before_model,
+        "process_rss_after_model_load_bytes": None if cuda else rss_model,
+        "process_peak_rss_bytes": None if cuda else mem.peak,
+        "peak_is_process_lifetime": mem.lifetime,
+        "saved_activation_bytes_max_step": max(saved.per_step),
+        "saved_activation_bytes_per_text_token": sum(saved.per_step) / tokens,
+        "train_stats_tokens_per_second": stats.tokens_per_second,
+        "kl_reference": objective.cost(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and inference
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPath:
+    """One way to get the first label position's logits for a batch. ``prepare`` runs once
+    per pass over the evaluation set (inside the timed pass)."""
+
+    forward: Callable
+    prepare: Callable = lambda model, prompt: None
+    help: str = ""
+
+
+EVAL_PATHS = {
+    "label_position": EvalPath(lambda m, b, s: label_logits(m, b), help="backbone + LM head at the label-predicting positions only"),
+    "naive_full_logits": EvalPath(lambda m, b, s: full_logits_at_labels(m, b), help="the model's own forward: full-vocabulary logits at every position, then gathered"),
+    "prompt_kv_cache": EvalPath(lambda m, b, s: label_logits(m, b, prompt_cache=s), lambda m, p: PromptCache.build(m, p),
+                                help="with the soft prompt: its key/value cache built once per pass, only the text tokens run"),
+    "prompt_prepended": EvalPath(lambda m, b, s: label_logits(m, b, s), lambda m, p: p,
+                                 help="with the soft prompt prepended to every row"),
+}
+
+
+def eval_pass(model, path: EvalPath, data: Data, batches, device, pad_id, prompt, grad_mode=torch.inference_mode) -> float:
+    """Seconds for one pass over the evaluation batches: collate, forward, argmax (as predict)."""
+
+    def run():
+        with grad_mode():
+            state = path.prepare(model, prompt)
+            for idx in batches:
+                batch = to_device(collate([data.eval_feats[i] for i in idx], pad_id), device)
+                path.forward(model, batch, state)[:, 0].argmax(-1).cpu()
+
+    return timed(run, device)[0]
+
+
+def measure_eval(bench: Bench, paths=tuple(EVAL_PATHS), batches=None, grad_mode=torch.inference_mode, model=None) -> dict:
+    """Examples/s of each path: one warm-up batch each, then --eval_rounds interleaved passes."""
+    args, data = bench.args, bench.data
+    model = bench.spul_model if model is None else model
+    model.eval()
+    batches = batches or data.eval_batches
+    with torch.no_grad():
+        prompt = prompt_embeddings(bench.spul_model).detach()
+    n = sum(len(b) for b in batches)
+    for name in paths:
+        eval_pass(model, EVAL_PATHS[name], data, batches[:1], bench.device, bench.pad_id, prompt, grad_mode)
+    times = {name: [] for name in paths}
+    for _ in range(args.eval_rounds):
+        for name in paths:
+            times[name].append(eval_pass(model, EVAL_PATHS[name], data, batches, bench.device, bench.pad_id, prompt, grad_mode))
+    return {name: {"examples": n, "seconds": ts, "examples_per_second": n / statistics.median(ts), "help": EVAL_PATHS[name].help}
+            for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Other levers (--levers)
+# ---------------------------------------------------------------------------------------------
+
+
+def padding_share(features, batches) -> float:
+    real = sum(len(features[i]["input_ids"]) for b in batches for i in b)
+    padded = sum(len(b) * max(len(features[i]["input_ids"]) for i in b) for b in batches)
+    return 1 - real / padded
+
+
+def grouped_batches(features, batch_size, seed, megabatch=50) -> list[list[int]]:
+    """Length-grouped shuffled batches (as group_by_length samplers do): shuffle, cut into
+    megabatches of ``megabatch`` batches, sort each by length, cut into batches."""
+    perm = np.random.default_rng([seed, 0]).permutation(len(features)).tolist()
+    size = megabatch * batch_size
+    out = []
+    for s in range(0, len(perm), size):
+        chunk = sorted(perm[s : s + size], key=lambda i: -len(features[i]["input_ids"]))
+        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return out
+
+
+def spul_step_lever(bench: Bench, trainer: Trainer, setup: Callable, teardown: Callable) -> dict:
+    """Median time and peak memory of SPUL steps on the timed batches under ``setup``."""
+    idxs = bench.data.batches[bench.args.warmup_steps:]
+    times, peaks = [], []
+    setup()
+    try:
+        trainer.model.train()
+        for idx in idxs:
+            batch = trainer.batch(idx, bench.device, bench.pad_id)
+            with PeakMemory(bench.device) as mem:
+                times.append(timed(lambda: trainer.step(batch), bench.device)[0])
+            peaks.append(mem.delta)
+    finally:
+        teardown()
+    return {"step_seconds_median": statistics.median(times), "step_peak_bytes_above_start": max(peaks)}
+
+
+def measure_levers(bench: Bench, trainers: dict[str, Trainer], split_feats: list[dict]) -> dict:
+    args, device, out = bench.args, bench.device, {}
+    cpu = device.type == "cpu"
+    data = bench.data
+
+    # length-grouped batches and dynamic padding (collate pads to the longest row of a batch)
+    random_eval = [list(range(s, min(s + args.eval_batch_size, len(data.eval_feats)))) for s in range(0, len(data.eval_feats), args.eval_batch_size)]
+    ev_grouped = measure_eval(bench, ("label_position",))["label_position"]
+    ev_random = measure_eval(bench, ("label_position",), batches=random_eval)["label_position"]
+    train_random = epoch_batches(len(split_feats), args.batch_size, args.seed, 0)
+    out["length_grouping"] = {
+        "eval_padding_share_grouped": padding_share(data.eval_feats, data.eval_batches),
+        "eval_padding_share_unsorted": padding_share(data.eval_feats, random_eval),
+        "eval_examples_per_second_grouped": ev_grouped["examples_per_second"],
+        "eval_examples_per_second_unsorted": ev_random["examples_per_second"],
+        "train_padding_share_shuffled_batches": padding_share(split_feats, train_random),
+        "train_padding_share_length_grouped_megabatches": padding_share(split_feats, grouped_batches(split_feats, args.batch_size, args.seed)),
+    }
+    # torch.inference_mode against torch.no_grad for evaluation
+    nograd = measure_eval(bench, ("label_position",), grad_mode=torch.no_grad)["label_position"]
+    out["inference_mode"] = {"inference_mode_examples_per_second": ev_grouped["examples_per_second"],
+                             "no_grad_examples_per_second": nograd["examples_per_second"]}
+    # GQA inside SDPA instead of repeating the key/value heads (transformers' switch)
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        gqa = measure_eval(bench, ("label_position",))["label_position"]
+        gqa_step = spul_step_lever(bench, trainers["SPUL"], lambda: None, lambda: None)
+    except Exception as e:  # noqa: BLE001 - a kernel that refuses GQA with a mask is a result too
+        gqa, gqa_step = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}, None
+    finally:
+        os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+    base_step = spul_step_lever(bench, trainers["SPUL"], lambda: None, lambda: None)
+    out["gqa_in_sdpa"] = {"eval_examples_per_second": gqa.get("examples_per_second"), "eval_examples_per_second_repeat_kv": ev_grouped["examples_per_second"],
+                          "spul_step": gqa_step, "spul_step_repeat_kv": base_step, **({"error": gqa["error"]} if "error" in gqa else {})}
+    # gradient checkpointing on the SPUL step (the prompt is then prepended: checkpointing drops caches)
+    base = unwrap(bench.spul_model)
+    out["gradient_checkpointing"] = {
+        "with": spul_step_lever(bench, trainers["SPUL"], lambda: base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
+                                base.gradient_checkpointing_disable),
+        "without_prompt_prepended": spul_step_lever(bench, trainers["SPUL, prompt prepended"], lambda: None, lambda: None),
+        "without_prompt_cache": base_step,
+    }
+    if cpu:
+        # threads: the matmul peak and the label-position forward at 1 thread and at every core
+        threads = torch.get_num_threads()
+        res = {}
+        model, idx = bench.spul_model.eval(), data.eval_batches[0]
+        batch = to_device(collate([data.eval_feats[i] for i in idx], bench.pad_id), device)
+        try:
+            for n in sorted({1, os.cpu_count() or 1}):
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    label_logits(model, batch)
+                    best = min(timed(lambda: label_logits(model, batch), device)[0] for _ in range(2))
+                res[str(n)] = {"matmul_flops_per_second": matmul_peak(args.matmul_size, bench.dtype, device),
+                               "eval_examples_per_second_one_batch": len(idx) / best}
+        finally:
+            torch.set_num_threads(threads)
+        out["threads"] = {"used": threads, "by_threads": res, "load_average": os.getloadavg()}
+        # bf16 on CPU
+        bf16 = copy.deepcopy(unwrap(bench.spul_model)).to(torch.bfloat16).eval()
+        out["bf16_on_cpu"] = {
+            "bf16_eval_examples_per_second": measure_eval(bench, ("label_position",), model=bf16)["label_position"]["examples_per_second"],
+            "fp32_eval_examples_per_second": ev_grouped["examples_per_second"],
+            "bf16_matmul_flops_per_second": matmul_peak(args.matmul_size, torch.bfloat16, device),
+        }
+        del bf16
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: Callable  # results -> (achieved ratio, numerator text, denominator text)
+    op: str  # "<=" or ">="
+    threshold: float
+    unit: str = "x"
+
+
+def _fmt_bytes(n) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+TARGETS = [
+    Target("SPUL step time / GA+GD step time",
+           lambda r: (r["training"]["SPUL"]["step_seconds_median"] / r["training"]["GA+GD"]["step_seconds_median"],
+                      f"{r['training']['SPUL']['step_seconds_median']:.3f} s", f"{r['training']['GA+GD']['step_seconds_median']:.3f} s"), "<=", 0.8),
+    Target("SPUL step time / GA+GD step time, with the opt-in reference cache (epochs 2+)",
+           lambda r: (r["training"]["SPUL, reference cached"]["step_seconds_median"] / r["training"]["GA+GD"]["step_seconds_median"],
+                      f"{r['training']['SPUL, reference cached']['step_seconds_median']:.3f} s", f"{r['training']['GA+GD']['step_seconds_median']:.3f} s"), "<=", 0.8),
+    Target("label-position eval / naive full-logit eval, throughput",
+           lambda r: (r["eval"]["label_position"]["examples_per_second"] / r["eval"]["naive_full_logits"]["examples_per_second"],
+                      f"{r['eval']['label_position']['examples_per_second']:.1f} ex/s", f"{r['eval']['naive_full_logits']['examples_per_second']:.1f} ex/s"), ">=", 1.15),
+    Target("reference bytes / full-vocab fp32 cache bytes",
+           lambda r: (r["reference"]["max_bytes"] / r["reference"]["full_vocab_fp32_cache_bytes"],
+                      _fmt_bytes(r["reference"]["max_bytes"]), _fmt_bytes(r["reference"]["full_vocab_fp32_cache_bytes"])), "<=", 0.01, "%"),
+    Target("SPUL peak memory / one model copy",
+           lambda r: (r["memory"]["ratio"], _fmt_bytes(r["memory"]["spul_peak_bytes"]), _fmt_bytes(r["memory"]["model_weights_bytes"])), "<=", 1.5),
+    Target("SPUL step achieved FLOP/s / measured matmul peak",
+           lambda r: (r["training"]["SPUL"]["share_of_matmul_peak"], f"{r['training']['SPUL']['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s",
+                      f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s"), ">=", 0.40, "%"),
+    Target("inference time with prompt / without",
+           lambda r: (r["eval"]["label_position"]["examples_per_second"] / r["eval"]["prompt_kv_cache"]["examples_per_second"],
+                      f"{r['eval']['prompt_kv_cache']['examples_per_second']:.1f} ex/s", f"{r['eval']['label_position']['examples_per_second']:.1f} ex/s"), "<=", 1.1),
+]
+COMPARE = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    out = []
+    for t in TARGETS:
+        ratio, num, den = t.value(results)
+        fmt = (lambda x: f"{100 * x:.2f}%") if t.unit == "%" else (lambda x: f"{x:.2f}x")
+        out.append({"figure": t.name, "achieved": ratio, "achieved_text": fmt(ratio), "numerator": num, "denominator": den,
+                    "target": f"{t.op} {fmt(t.threshold)}", "met": bool(COMPARE[t.op](ratio, t.threshold))})
+    return out
+
+
+def format_report(results: dict) -> str:
+    meta = results["setup"]
+    lines = [f"## Benchmark: {meta['model_name']} on {meta['dataset']}, {meta['device']}, {meta['dtype']}, "
+             f"{meta['threads']} thread(s), batch {meta['batch_size']}", ""]
+    lines += ["| method | trainable params | step s (median) | train tokens/s | GFLOP/step | achieved GFLOP/s | note |", "|---|---|---|---|---|---|---|"]
+    for name, row in results["training"].items():
+        gf = f"{statistics.mean(row['flops_per_step']) / 1e9:.1f}" if "flops_per_step" in row else "-"
+        ach = f"{row['achieved_flops_per_second'] / 1e9:.1f}" if "achieved_flops_per_second" in row else "-"
+        lines.append(f"| {name} | {row['trainable_params']:,} | {row['step_seconds_median']:.3f} | {row['tokens_per_second']:.1f} | {gf} | {ach} | {row['note']} |")
+    lines += ["", "| evaluation path | examples/s |", "|---|---|"]
+    lines += [f"| {name} | {row['examples_per_second']:.1f} |" for name, row in results["eval"].items()]
+    ref = results["reference"]
+    lines += ["", f"| reference kept (n_train={ref['n_train']}, V={ref['vocab_size']}) | bytes | share of full-vocab fp32 cache ({_fmt_bytes(ref['full_vocab_fp32_cache_bytes'])}) |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt_bytes(row['bytes'])} | {100 * row['ratio_to_full_cache']:.3f}% |" for name, row in ref["methods"].items()]
+    lines += [f"| {name} (opt-in cache of final hidden states) | {_fmt_bytes(row['reference_cache_bytes'])} | {100 * row['reference_cache_ratio_to_full_cache']:.3f}% |"
+              for name, row in results["training"].items() if "reference_cache_bytes" in row]
+    mem = results["memory"]
+    lines += ["", f"SPUL memory run ({mem['steps']} steps): {mem['what']}: {_fmt_bytes(mem['spul_peak_bytes'])}; one model copy {_fmt_bytes(mem['model_weights_bytes'])}"]
+    lines += [f"matmul peak ({meta['dtype']}, n={meta['matmul_size']}): {results['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s", ""]
+    lines += ["| figure | achieved | target | met |", "|---|---|---|---|"]
+    lines += [f"| {t['figure']} | {t['achieved_text']} ({t['numerator']} / {t['denominator']}) | {t['target']} | {'met' if t['met'] else 'NOT met'} |"
+              for t in results["targets"]]
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.machine()} ({os.cpu_count()} cores)"
+
+
+def default_out(args) -> Path:
+    return Path("runs") / "bench" / f"{Path(str(args.model_name)).name}-{args.dataset}.json"
+
+
+@cli.entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    device = select_device()
+    dtype = compute_dtype(device)
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    load_start = os.getloadavg()
+
+    splits = prepare_splits(args)
+    model_path = resolve_model(args.model_name)
+    tokenizer = load_tokenizer(model_path, args.set_pad_id)
+    encoder = Encoder(tokenizer, args.max_length)
+    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    bench = Bench(args, device, model_path, tokenizer, build_data(args, encoder, splits), dtype)
+    rss_before_model = rss_bytes()
+
+    print("SPUL memory run", file=sys.stderr)
+    spul_memory_run(bench, rss_before_model)
+    bench.data.vocab_size = unwrap(bench.spul_model).get_output_embeddings().weight.size(0)
+    print("evaluation and inference", file=sys.stderr)
+    bench.results["eval"] = measure_eval(bench)
+    print("building the methods", file=sys.stderr)
+    trainers = [t for build in TRAINER_BUILDERS for t in build(bench)]
+    for t in trainers:
+        t.extra = t.prepare(t) if t.prepare else {}
+    peaks = [matmul_peak(args.matmul_size, dtype, device)]
+    print("training steps", file=sys.stderr)
+    run_rounds(bench, trainers, peaks)
+    count_flops(bench, trainers)
+    bench.results["matmul_peak_flops_per_second"] = max(peaks)
+    bench.results["matmul_peak_samples"] = peaks
+    bench.results["training"] = {t.name: trainer_row(t, max(peaks), device.type == "cuda") for t in trainers}
+    if args.levers:
+        print("levers", file=sys.stderr)
+        bench.results["levers"] = measure_levers(bench, {t.name: t for t in trainers}, training_set(encoder, splits, args.seed))
+
+    results = {
+        "setup": {
+            "model_name": args.model_name, "dataset": args.dataset, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "eval_batch_size": args.eval_batch_size, "steps": args.steps, "warmup_steps": args.warmup_steps, "eval_batches": args.eval_batches,
+            "eval_rounds": args.eval_rounds, "matmul_size": args.matmul_size, "ptuning_num_tokens": args.ptuning_num_tokens,
+            "beta": args.beta, "max_length": args.max_length, "seq_len_mean": float(np.mean([len(f["input_ids"]) for f in bench.data.plain])),
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "load_average_start": load_start, "load_average_end": os.getloadavg(), "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        },
+        **bench.results,
+    }
+    results["targets"] = evaluate_targets(results)
+    results["setup"]["wall_seconds"] = time.perf_counter() - t_start
+    out = Path(args.out) if args.out else default_out(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(format_report(results))
+    print(f"\nJSON: {out} ({results['setup']['wall_seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""bench.py end to end on the tiny model, one step per figure: every figure is present and
+positive, every target is evaluated, the JSON is written, and every flag has help."""
+import json
+
+import pytest
+import torch
+
+import bench
+
+TRAINING_ROWS = ("QLoRA", "SPUL", "GA", "GA+KL", "GA+GD", "NPO", "SPUL, prompt prepended", "SPUL, reference cached")
+EVAL_PATHS = ("label_position", "naive_full_logits", "prompt_kv_cache", "prompt_prepended")
+
+
+def test_every_flag_has_help():
+    parser = bench.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {"--model_name", "--dataset", "--batch_size", "--steps", "--out", "--quick", "--threads"} <= {s for a in flags for s in a.option_strings}
+    assert all(a.help for a in flags)
+    assert parser.get_default("model_name") == "smollm2-135m" and parser.get_default("dataset") == "rt"
+
+
+def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(["--model_name", tiny_model_dir, *tiny_data_args, "--batch_size", "4", "--quick",
+                              "--threads", "1", "--no_quantize", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved["targets"] == json.loads(json.dumps(results["targets"]))
+
+    for name in TRAINING_ROWS:
+        row = saved["training"][name]
+        assert row["step_seconds_median"] > 0 and row["tokens_per_second"] > 0 and row["trainable_params"] > 0
+    spul = saved["training"]["SPUL"]
+    assert spul["achieved_flops_per_second"] > 0 and spul["share_of_matmul_peak"] > 0
+    assert saved["training"]["GA+GD"]["flops_per_step"][0] > 0 and spul["flops_per_step"][0] > 0
+    assert spul["trainable_params"] < saved["training"]["GA+GD"]["trainable_params"]
+    for name in EVAL_PATHS:
+        assert saved["eval"][name]["examples_per_second"] > 0
+    ref = saved["reference"]
+    assert ref["full_vocab_fp32_cache_bytes"] > 0 and ref["methods"]["GA+KL"]["bytes"] > 0 and ref["methods"]["NPO"]["bytes"] > 0
+    assert ref["methods"]["SPUL"]["bytes"] == 0
+    assert saved["training"]["SPUL, reference cached"]["reference_cache_bytes"] > 0
+    mem = saved["memory"]
+    assert mem["spul_peak_bytes"] > 0 and mem["model_weights_bytes"] > 0 and mem["saved_activation_bytes_max_step"] > 0
+    assert saved["matmul_peak_flops_per_second"] > 0
+
+    assert [t["figure"] for t in saved["targets"]] == [t.name for t in bench.TARGETS] and len(saved["targets"]) == 7
+    for t in saved["targets"]:
+        assert t["achieved"] > 0 and isinstance(t["met"], bool)
+    printed = capsys.readouterr().out
+    assert "| SPUL step time / GA+GD step time |" in printed and "| inference time with prompt / without |" in printed
