@@ -15,9 +15,9 @@ if [ -z "${PY:-}" ]; then PY=.venv/bin/python; [ -x "$PY" ] || PY=python3; fi
 
 if [ "$PROFILE" = cpu ]; then
   : "${MODEL:=smollm2-135m}" "${DATASET:=rt}"
-  : "${CAPS:=--max_train_retain 192 --max_train_forget 64 --max_test_retain 192 --max_test_forget 64 --max_length 128}"
-  : "${QLORA_EPOCHS:=3}" "${QLORA_LR:=1e-3}" "${QLORA_QUANT:=--no_quantize}"
-  : "${SPUL_EPOCHS:=5}" "${SPUL_LR:=3e-3}" "${BASELINE_LR:=2e-5}" "${BATCH:=16}"
+  : "${CAPS:=--max_train_retain 128 --max_train_forget 64 --max_test_retain 128 --max_test_forget 64 --max_length 128}"
+  : "${QLORA_EPOCHS:=4}" "${QLORA_LR:=1e-3}" "${QLORA_QUANT:=--no_quantize}"
+  : "${SPUL_EPOCHS:=6}" "${SPUL_LR:=1e-2}" "${BASELINE_LR:=5e-5}" "${BATCH:=16}"
 elif [ "$PROFILE" = paper ]; then
   : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${DATASET:=sst2}" "${CAPS:=}"
   case "$DATASET" in yelp) d_ep=2 ;; *) d_ep=10 ;; esac
