@@ -7,6 +7,7 @@ encoder weights), config, metrics on the four splits with the prompt, train stat
 manifest binding the prompt to its model and data into one run folder."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective
 from utils.spul_run import TOKENIZER_DIR, check_sources, load_frozen_source, resume_encoder, spul_manifest
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
-from utils.training import TrainConfig, seed_everything, train
+from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
 
 
 def build_parser():
@@ -89,7 +90,11 @@ def main(argv=None):
     features = training_set(encoder, splits, args.seed, relabel_forget=True)
     objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
-    stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")
+    try:
+        stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")
+    except TrainingDiverged as e:
+        print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
+        sys.exit(1)
     with torch.no_grad():
         prompt = prompt_embeddings(model).detach()
     metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
