@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 
+# The tests run tiny models, for which one intra-op thread is fastest; on a shared 2-core
+# machine OpenMP's spinning thread pool makes a 0.02 ms matmul take ~10 ms when other jobs
+# hold the cores. Set before torch is imported; launched subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPUL_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -181,10 +181,14 @@ def resolve_model(name: str) -> str:
 
 
 def hub_model_reachable(name: str) -> bool:
+    """Whether ``name``'s config can be had from the hub or its local cache. With
+    ``HF_HUB_OFFLINE`` set (read now, not when huggingface_hub was imported) only the cache is
+    looked at, so an offline machine answers at once instead of after network timeouts."""
     from transformers import AutoConfig
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        AutoConfig.from_pretrained(name)
+        AutoConfig.from_pretrained(name, local_files_only=offline)
     except Exception:  # noqa: BLE001 - any failure means "cannot load it from here"
         return False
     return True
