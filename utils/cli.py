@@ -99,17 +99,39 @@ def user_errors() -> tuple[type, ...]:
 
 
 def entry_point(main):
-    """Run ``main``; a user error prints one line on stderr and exits with status 2."""
+    """Run ``main``; a user error prints one line on stderr and exits with status 2. SIGTERM
+    (a scheduler's or launcher's stop) becomes ``SystemExit(143)`` while it runs, so that, as with
+    Ctrl-C, temporary run folders are removed on the way out (``utils.runs.atomic_run_dir``)."""
 
     @wraps(main)
     def wrapper(argv=None):
+        installed, previous = _exit_on_sigterm()
         try:
             return main(argv)
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            if installed:
+                import signal
+
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
+
+
+def _exit_on_sigterm():
+    """Install the SIGTERM handler (main thread only); returns (installed, previous handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False, None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return True, signal.signal(signal.SIGTERM, stop)
 
 
 def check_max_length(encoder, words) -> None:
