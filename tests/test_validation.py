@@ -236,3 +236,11 @@ def test_run_folder_without_its_tokenizer(runs, data, tmp_path, capsys):
     err = refused(capsys, tmp_path, "inference", ["--model_checkpoints", broken, "--data_dir", data,
                                                    "--output_path", tmp_path / "out"])
     assert f"--model_checkpoints {broken}: has no tokenizer/ folder" in err
+
+
+@pytest.mark.parametrize("entry", ENTRY)
+@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_accelerate_launch_is_refused(entry, var, name, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(var, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
+    err = refused(capsys, tmp_path, entry, argv(entry, tiny_model_dir, data, tmp_path / "out"))
+    assert f"accelerate launch: {name} is not supported ({var} is set)" in err

@@ -74,7 +74,8 @@ def add_output_args(p) -> None:
 
 
 def check_common(args) -> None:
-    """Checks that need no model or data: numeric ranges of shared flags."""
+    """Checks that need no model or data: numeric ranges of shared flags, the launcher."""
+    check_launcher()
     if not 0 < args.forget_size <= 1:
         raise UsageError(f"--forget_size {args.forget_size}: must be in (0, 1]")
     for name in ["max_per_split"] + [f"max_{s}" for s in SPLITS]:
@@ -89,6 +90,23 @@ def check_common(args) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
     if getattr(args, "dataset", None) not in DATASETS and not getattr(args, "data_dir", None):
         raise UsageError(f"--dataset {args.dataset}: unknown dataset (choose from {', '.join(DATASETS)}, or pass --data_dir)")
+
+
+UNSUPPORTED_LAUNCH = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
+
+
+def check_launcher() -> None:
+    """The training loop is data-parallel (every process holds the whole model): refuse an
+    ``accelerate launch`` configured for sharded training rather than silently ignore it."""
+    import os
+
+    for var, name in UNSUPPORTED_LAUNCH:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes"):
+            raise UsageError(
+                f"accelerate launch: {name} is not supported ({var} is set); this toolkit runs data-parallel "
+                f"(DDP-style, one whole model per process): use a multi-GPU config without {name}, or --lora for large models"
+            )
 
 
 def user_errors() -> tuple[type, ...]:
