@@ -19,7 +19,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with the toolkit's error format: one line on stderr, exit status 2."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
