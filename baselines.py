@@ -24,7 +24,7 @@ from utils.baselines import (
     select_features,
 )
 from utils.checkpoints import load_pretrained, load_run
-from utils.data import prepare_splits, training_set
+from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate_splits, format_table
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run
@@ -116,8 +116,6 @@ def main(argv=None):
     set_pad_token_id(model, tokenizer.pad_token_id)
     if qlora_manifest is not None:
         args.model_name = qlora_manifest["base_model"]  # the run's base, recorded in the manifest
-        from utils.data import split_fingerprint
-
         warn_if_other_data(qlora_manifest, split_fingerprint(splits))
     encoder = Encoder(tokenizer, args.max_length)
     cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)

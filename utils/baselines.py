@@ -292,7 +292,7 @@ def build_reference_store(model, method: Method, features, batch_size, device, p
         if want_dist:
             parts.append((idx, _compress(logits, K, kl_topk)))
     if want_dist:
-        _fill_dist(store, parts, len(retain_idx), K, kl_topk, model)
+        _fill_dist(store, parts, len(retain_idx), K, kl_topk)
     model.train(was_training)
     store.stats = {
         "kind": "cache",
@@ -318,7 +318,7 @@ def _compress(logits, K, kl_topk):
     return top.half().cpu(), ids.int().cpu(), tail.float().cpu()
 
 
-def _fill_dist(store, parts, R, K, kl_topk, model):
+def _fill_dist(store, parts, R, K, kl_topk):
     rows = lambda idx: store.dist_row[idx]  # noqa: E731
     if kl_topk == 0:
         V = parts[0][1][0].size(-1) if parts else 1
