@@ -87,7 +87,7 @@ def build_parser():
     g.add_argument("--memory_steps", type=int, default=None, help="SPUL steps of the peak-memory training run (default: --steps)")
     g.add_argument("--eval_batches", type=int, default=3, help="evaluation batches per timed pass")
     g.add_argument("--eval_rounds", type=int, default=2, help="timed passes per evaluation path (interleaved)")
-    g.add_argument("--flop_steps", type=int, default=None, help="timed SPUL and GA+GD steps whose FLOPs are counted (default: all timed steps)")
+    g.add_argument("--flop_steps", type=int, default=1, help="timed SPUL and GA+GD steps whose FLOPs are counted, in a separate untimed pass (achieved FLOP/s = their FLOPs / their timed seconds)")
     g.add_argument("--quick", action="store_true", help="smoke run: 1 step per figure, 1 eval batch, small matmul (for tests on a tiny model)")
     g = p.add_argument_group("methods")
     g.add_argument("--ptuning_num_tokens", type=int, default=30, help="SPUL: number p of virtual tokens")
@@ -114,7 +114,7 @@ def check_args(args) -> None:
         args.steps, args.warmup_steps, args.memory_steps, args.eval_batches, args.eval_rounds = 1, 0, 1, 1, 1
         args.matmul_size = args.matmul_size or 256
     args.memory_steps = args.memory_steps or args.steps
-    args.flop_steps = min(args.flop_steps or args.steps, args.steps)
+    args.flop_steps = min(args.flop_steps, args.steps)
     positive = ("batch_size", "eval_batch_size", "steps", "memory_steps", "eval_batches", "eval_rounds", "ptuning_num_tokens",
                 "ptuning_hidden_size", "lora_rank", "flop_steps")
     for name in positive:
@@ -353,6 +353,7 @@ class Trainer:
     prepare: Callable | None = None  # untimed, before the rounds; returns extra figures for the row
     extra: dict = field(default_factory=dict)
     times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)  # process CPU seconds (all threads) per timed step
     tokens: list = field(default_factory=list)
     flops: list = field(default_factory=list)
     peak_bytes: list = field(default_factory=list)
@@ -498,10 +499,12 @@ def run_rounds(bench: Bench, trainers: list[Trainer], peaks: list) -> None:
         for t in order:
             t.model.train()
             batch = t.batch(idx, bench.device, bench.pad_id)
+            cpu0 = time.process_time()
             with PeakMemory(bench.device) as mem:
                 seconds, _ = timed(lambda: t.step(batch), bench.device)
             if timed_round:
                 t.times.append(seconds)
+                t.cpu_times.append(time.process_time() - cpu0)
                 t.tokens.append(int(batch["num_tokens"].sum()))
                 t.peak_bytes.append(mem.peak)
             print(f"  round {r + 1}/{len(bench.data.batches)} {'timed' if timed_round else 'warm-up'}: {t.name} {seconds:.3f} s", file=sys.stderr)
@@ -524,6 +527,7 @@ def trainer_row(t: Trainer, peak_flops: float, cuda: bool) -> dict:
         "trainable_params": sum(p.numel() for p in t.params),
         "step_seconds_median": statistics.median(t.times),
         "step_seconds": t.times,
+        "step_cpu_seconds_median": statistics.median(t.cpu_times),
         "tokens_per_step": t.tokens,
         "tokens_per_second": sum(t.tokens) / sum(t.times),
         **t.extra,
@@ -659,9 +663,13 @@ def grouped_batches(features, batch_size, seed, megabatch=50) -> list[list[int]]
 
 
 def spul_step_lever(bench: Bench, trainer: Trainer, setup: Callable, teardown: Callable) -> dict:
-    """Median time and peak memory of SPUL steps on the timed batches under ``setup``."""
+    """Median time, peak memory above the start (CUDA: exact; CPU: RSS, blind to memory the
+    allocator already holds) and the activation bytes saved for backward (exact) of SPUL steps
+    on the timed batches under ``setup``."""
     idxs = bench.data.batches[bench.args.warmup_steps:]
     times, peaks = [], []
+    loss_fn = trainer.loss_fn
+    trainer.loss_fn = saved = SavedActivations(loss_fn, unwrap(trainer.model))
     setup()
     try:
         trainer.model.train()
@@ -672,7 +680,9 @@ def spul_step_lever(bench: Bench, trainer: Trainer, setup: Callable, teardown: C
             peaks.append(mem.delta)
     finally:
         teardown()
-    return {"step_seconds_median": statistics.median(times), "step_peak_bytes_above_start": max(peaks)}
+        trainer.loss_fn = loss_fn
+    return {"step_seconds_median": statistics.median(times), "step_peak_bytes_above_start": max(peaks),
+            "saved_activation_bytes_max_step": max(saved.per_step)}
 
 
 def measure_levers(bench: Bench, trainers: dict[str, Trainer], split_feats: list[dict]) -> dict:

@@ -1,5 +1,5 @@
-"""bench.py end to end on the tiny model, one step per figure: every figure is present and
-positive, every target is evaluated, the JSON is written, and every flag has help."""
+"""bench.py end to end on the tiny model, one step per figure (and the levers): every figure is
+present and positive, every target is evaluated, the JSON is written, and every flag has help."""
 import json
 
 import pytest
@@ -24,7 +24,7 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     threads = torch.get_num_threads()
     try:
         results = bench.main(["--model_name", tiny_model_dir, *tiny_data_args, "--batch_size", "4", "--quick",
-                              "--threads", "1", "--no_quantize", "--out", str(out)])
+                              "--threads", "1", "--no_quantize", "--levers", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
@@ -46,6 +46,9 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     mem = saved["memory"]
     assert mem["spul_peak_bytes"] > 0 and mem["model_weights_bytes"] > 0 and mem["saved_activation_bytes_max_step"] > 0
     assert saved["matmul_peak_flops_per_second"] > 0
+    levers = saved["levers"]
+    assert {"length_grouping", "inference_mode", "gqa_in_sdpa", "gradient_checkpointing", "threads", "bf16_on_cpu"} <= set(levers)
+    assert levers["gradient_checkpointing"]["with"]["step_seconds_median"] > 0
 
     assert [t["figure"] for t in saved["targets"]] == [t.name for t in bench.TARGETS] and len(saved["targets"]) == 7
     for t in saved["targets"]:
