@@ -38,6 +38,7 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
+    g.add_argument("--cache_reference", action="store_true", help="keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward")
     cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3, save_every=200)
     cli.add_output_args(p)
     return p
@@ -88,7 +89,7 @@ def main(argv=None):
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
     features = training_set(encoder, splits, args.seed, relabel_forget=True)
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=args.cache_reference)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     try:
         stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")

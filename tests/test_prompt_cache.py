@@ -148,3 +148,24 @@ def test_reference_hidden_cache_gives_the_on_the_fly_reference():
     labels = 1 + 1 + 1  # label tokens of the retain rows (features 0, 2, 3)
     assert cost["bytes_kept_between_steps"] == labels * D * 4
     assert on_the_fly.cost()["bytes_kept_between_steps"] == 0
+
+
+def test_spul_cache_reference_flag_trains_the_same_prompt(tiny_model_dir, tiny_data_args, tmp_path):
+    """spul.py --cache_reference: the same prompt and metrics as the on-the-fly reference over
+    two epochs, with the second epoch served from the cache."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import spul
+
+    args = ["--model_name", tiny_model_dir, "--num_epochs", "2", "--train_batch_size", "8", "--lr", "1e-2", "--beta", "1",
+            "--ptuning_num_tokens", "4", "--ptuning_hidden_size", "16", *tiny_data_args]
+    spul.main(args + ["--output_path", str(tmp_path / "plain")])
+    spul.main(args + ["--cache_reference", "--output_path", str(tmp_path / "cached")])
+    prompts = [load_file(str(tmp_path / r / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"] for r in ("plain", "cached")]
+    assert torch.allclose(prompts[0], prompts[1], atol=1e-4)
+    stats = json.loads((tmp_path / "cached" / "train_stats.json").read_text())["kl_reference"]
+    assert stats["reference_cache_hits"] > 0 and stats["reference_cache_misses"] > 0 and stats["bytes_kept_between_steps"] > 0
+    plain = json.loads((tmp_path / "plain" / "train_stats.json").read_text())["kl_reference"]
+    assert plain["bytes_kept_between_steps"] == 0 and plain["reference_cache_hits"] is None
