@@ -45,3 +45,10 @@ def test_report_missing_metrics_is_one_line(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert main([str(tmp_path / "x")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_point_labels_join_coinciding_runs_in_row_order():
+    from utils.report import point_labels
+
+    points = {"QLoRA": (98.44, 96.09), "GA": (43.75, 42.19), "SPUL": (54.69, 78.12), "NPO": (43.751, 42.189)}
+    assert point_labels(points) == {(98.44, 96.09): "QLoRA", (43.75, 42.19): "GA, NPO", (54.69, 78.12): "SPUL"}

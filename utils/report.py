@@ -97,6 +97,15 @@ def write_csv(summary: dict[str, dict], path: Path) -> None:
             )
 
 
+def point_labels(points: dict[str, tuple[float, float]]) -> dict[tuple[float, float], str]:
+    """One label per distinct point: names whose points coincide (to 0.01) share it, joined
+    by ", " in row order, so that collapsed runs do not print over each other."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for name, (x, y) in points.items():
+        labels.setdefault((round(x, 2), round(y, 2)), []).append(name)
+    return {xy: ", ".join(names) for xy, names in labels.items()}
+
+
 def plot(summary: dict[str, dict], path: Path) -> None:
     """Two panels: forget ACC (x, lower is better) against retain ACC (y, higher is better)
     on train and on test; one labelled point per row, error bars over seeds."""
@@ -110,7 +119,9 @@ def plot(summary: dict[str, dict], path: Path) -> None:
         for name, r in summary.items():
             (fx, fs), (ry, rs) = r[f"{side}_forget_accuracy"], r[f"{side}_retain_accuracy"]
             ax.errorbar(fx, ry, xerr=fs or None, yerr=rs or None, fmt="o", capsize=3)
-            ax.annotate(name, (fx, ry), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        points = {name: (r[f"{side}_forget_accuracy"][0], r[f"{side}_retain_accuracy"][0]) for name, r in summary.items()}
+        for (fx, ry), label in point_labels(points).items():
+            ax.annotate(label, (fx, ry), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"{side} forget accuracy (%)  ← better")
         ax.set_ylabel(f"{side} retain accuracy (%)  ↑ better")
         ax.set_xlim(-5, 105)
