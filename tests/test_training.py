@@ -42,6 +42,28 @@ def test_epoch_batches_seeded_and_complete():
     assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
 
 
+def test_length_grouped_batches():
+    lengths = [3, 9, 1, 7, 5, 8, 2, 6, 4, 10, 11, 12]
+    plain = epoch_batches(12, 2, seed=4, epoch=0)
+    assert epoch_batches(12, 2, seed=4, epoch=0, lengths=lengths, group=0) == plain  # group 0: unchanged
+    a = epoch_batches(12, 2, seed=4, epoch=0, lengths=lengths, group=3)
+    assert a == epoch_batches(12, 2, seed=4, epoch=0, lengths=lengths, group=3)
+    assert a != epoch_batches(12, 2, seed=4, epoch=1, lengths=lengths, group=3)
+    assert sorted(i for b in a for i in b) == list(range(12)) and all(len(b) == 2 for b in a)
+    # each megabatch of 3 batches (6 consecutive indices of the shuffle) is sorted, longest first
+    perm = [i for b in plain for i in b]
+    for s in range(0, 12, 6):
+        chunk = sorted(perm[s : s + 6], key=lambda i: -lengths[i])
+        assert {tuple(chunk[k : k + 2]) for k in range(0, 6, 2)} <= {tuple(b) for b in a}
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    # one megabatch for the epoch: batches pair neighbours of the sorted lengths, (12, 11), (10, 9), ...
+    whole = epoch_batches(12, 2, seed=4, epoch=0, lengths=lengths, group=6)
+    assert padded(whole) == sum(sorted(lengths)[1::2]) * 2 == 84 and padded(whole) < padded(plain)
+
+
 def test_resume_after_interrupt_is_exact(tmp_path):
     cfg = dict(lr=1e-2, num_epochs=2, batch_size=4, warmup_ratio=0.1, seed=3)  # 10 steps
     feats = features()

@@ -58,6 +58,10 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
     g.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=float, default=warmup, help="share of steps with linear warmup before the cosine decay")
     g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient clipping norm")
+    g.add_argument("--group_by_length", type=int, default=0, metavar="N",
+                   help="length-grouped batches: each epoch's shuffled order is cut into runs of N batches, each "
+                        "sorted by length before it is cut into batches (less padding, so less compute); 0: plain "
+                        "shuffled batches")
     g.add_argument("--save_every", type=int, default=save_every,
                    help="save a resumable checkpoint (trainable weights, optimizer, scheduler, RNG, progress) every N "
                         "optimiser steps into the hidden folder .<output name>.ckpt next to the run folder, removed "
@@ -84,6 +88,8 @@ def check_common(args) -> None:
             raise UsageError(f"--{name} {v}: must be at least 1")
     if getattr(args, "save_every", 0) < 0:
         raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
+    if getattr(args, "group_by_length", 0) < 0:
+        raise UsageError(f"--group_by_length {args.group_by_length}: must be >= 0 (0: plain shuffled batches)")
     positive = ("lr", "num_epochs", "train_batch_size", "eval_batch_size", "max_length")
     for name in positive:
         if hasattr(args, name) and getattr(args, name) <= 0:
@@ -205,7 +211,7 @@ def run_fingerprint(args, splits) -> dict:
 
 def check_resume(args, out, splits) -> dict:
     """Before any model is loaded: with ``--resume``, the checkpoint next to ``out`` must come
-    from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing."""
+    from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing and batching."""
     from utils import distributed
     from utils.training import read_checkpoint_info
 
@@ -226,7 +232,8 @@ def check_resume(args, out, splits) -> dict:
     if not args.resume and found is not None and say:
         print(f"warning: {folder} holds a checkpoint of an interrupted run (step {found['steps']}); "
               f"starting over (pass --resume to continue it)", file=sys.stderr)
-    return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint}
+    return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint,
+            "group_by_length": getattr(args, "group_by_length", 0)}
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:

@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: none)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir if there is one
     fingerprint: dict | None = None  # what the run was started with, stored in each checkpoint
+    group_by_length: int = 0  # >0: length-grouped batches, megabatches of this many batches
 
 
 @dataclass
@@ -75,10 +76,23 @@ class TrainStats:
         return d
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A seeded shuffle per epoch; forget and retain samples mix in the same batches."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None, group: int = 0) -> list[list[int]]:
+    """A seeded shuffle per epoch; forget and retain samples mix in the same batches.
+
+    With ``lengths`` and ``group`` > 0 the batches are length-grouped: the shuffled order is cut
+    into megabatches of ``group`` batches, each megabatch is sorted by length (longest first) and
+    cut into batches, and the order of all batches is shuffled again. Each batch still draws
+    from a random share of the data, with less padding (``collate`` pads to the longest row)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    if not group or lengths is None:
+        return [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    size = group * batch_size
+    batches = []
+    for s in range(0, n, size):
+        chunk = sorted(perm[s : s + size].tolist(), key=lambda i: -lengths[i])  # stable
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
 CKPT = "last"
@@ -212,9 +226,10 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     bar = tqdm(total=total, initial=stats.steps, desc=desc, unit="step", disable=not main_rank)
     t_all = time.perf_counter()
     epoch, skip = divmod(stats.steps, per_epoch)
+    lengths = [len(f["input_ids"]) for f in features] if cfg.group_by_length else None
     while stats.steps < total:
         t0 = time.perf_counter()
-        for idx in epoch_batches(len(features), cfg.batch_size, cfg.seed, epoch)[skip:]:
+        for idx in epoch_batches(len(features), cfg.batch_size, cfg.seed, epoch, lengths, cfg.group_by_length)[skip:]:
             if stats.steps >= total:
                 break
             if world == 1:
