@@ -64,6 +64,21 @@ def test_length_grouped_batches():
     assert padded(whole) == sum(sorted(lengths)[1::2]) * 2 == 84 and padded(whole) < padded(plain)
 
 
+def test_train_uses_length_grouped_batches():
+    feats = features(20)  # lengths 6..9, five of each
+    seen = []
+
+    def record(model, batch):
+        seen.append(sorted(batch["num_tokens"].tolist()))
+        return loss_fn(model, batch)
+
+    model = make_model()
+    train(model, model.parameters(), record, feats, TrainConfig(lr=1e-3, num_epochs=1, batch_size=4, group_by_length=5), "cpu", 0)
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert seen == [sorted(lengths[i] for i in b) for b in epoch_batches(20, 4, 42, 0, lengths, 5)]
+    assert all(max(b) - min(b) <= 1 for b in seen)  # one megabatch: each batch spans at most two lengths
+
+
 def test_resume_after_interrupt_is_exact(tmp_path):
     cfg = dict(lr=1e-2, num_epochs=2, batch_size=4, warmup_ratio=0.1, seed=3)  # 10 steps
     feats = features()
