@@ -51,6 +51,10 @@ stage() {
 }
 
 # The shared stages; each takes the seed as $1.
+vanilla_stage() {  # the pre-trained model, evaluated as it is
+  stage "vanilla s$1" "$OUT/vanilla-s$1" $PY inference_spul.py --model_name "$MODEL" "${DATA[@]}" --seed "$1" --output_path "$OUT/vanilla-s$1"
+}
+
 qlora_stage() {  # the fine-tuned model every unlearning run starts from
   stage "qlora s$1" "$OUT/qlora-s$1" $PY qlora.py --model_name "$MODEL" "${DATA[@]}" --seed "$1" \
     --lr "$QLORA_LR" --num_epochs "$QLORA_EPOCHS" --train_batch_size "$BATCH" $QLORA_QUANT --output_path "$OUT/qlora-s$1"

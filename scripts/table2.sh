@@ -6,7 +6,7 @@ source "$(dirname "$0")/common.sh"
 
 runs=()
 for seed in $SEEDS; do
-  stage "vanilla s$seed" "$OUT/vanilla-s$seed" $PY inference_spul.py --model_name "$MODEL" "${DATA[@]}" --seed "$seed" --output_path "$OUT/vanilla-s$seed"
+  vanilla_stage "$seed"
   qlora_stage "$seed"
   for method in gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo; do
     stage "$method s$seed" "$OUT/$method-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \

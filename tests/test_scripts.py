@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh"]
+RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh", "spul_long.sh"]
 ENTRY = {"inference_spul.py": "inference_spul", "qlora.py": "qlora", "spul.py": "spul",
          "baselines.py": "baselines", "utils.report": "utils.report"}
 
@@ -48,6 +48,15 @@ def test_table2_runs_every_method_and_seed():
     assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
     spul = [a for t, a in parsed if t == "spul.py"]
     assert len(spul) == 2 and all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spul)
+
+
+def test_spul_long_reuses_the_main_job():
+    parsed = [parse(c) for c in dry_run("spul_long.sh", PROFILE="", OUT="")]
+    q = next(a for t, a in parsed if t == "qlora.py")
+    s = next(a for t, a in parsed if t == "spul.py")
+    assert q.output_path == "runs/main/qlora-s42" and s.model_checkpoints == q.output_path
+    assert (s.num_epochs, s.lr, s.group_by_length, s.train_batch_size, s.cache_reference) == (20, 5e-3, 4, 8, True)
+    assert parsed[-1][0] == "utils.report" and len(parsed) == 4
 
 
 def test_sweeps_cover_the_paper_grids():
