@@ -650,18 +650,6 @@ def padding_share(features, batches) -> float:
     return 1 - real / padded
 
 
-def grouped_batches(features, batch_size, seed, megabatch=50) -> list[list[int]]:
-    """Length-grouped shuffled batches (as group_by_length samplers do): shuffle, cut into
-    megabatches of ``megabatch`` batches, sort each by length, cut into batches."""
-    perm = np.random.default_rng([seed, 0]).permutation(len(features)).tolist()
-    size = megabatch * batch_size
-    out = []
-    for s in range(0, len(perm), size):
-        chunk = sorted(perm[s : s + size], key=lambda i: -len(features[i]["input_ids"]))
-        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return out
-
-
 def spul_step_lever(bench: Bench, trainer: Trainer, setup: Callable, teardown: Callable) -> dict:
     """Median time, peak memory above the start (CUDA: exact; CPU: RSS, blind to memory the
     allocator already holds) and the activation bytes saved for backward (exact) of SPUL steps
@@ -701,7 +689,7 @@ def measure_levers(bench: Bench, trainers: dict[str, Trainer], split_feats: list
         "eval_examples_per_second_grouped": ev_grouped["examples_per_second"],
         "eval_examples_per_second_unsorted": ev_random["examples_per_second"],
         "train_padding_share_shuffled_batches": padding_share(split_feats, train_random),
-        "train_padding_share_length_grouped_megabatches": padding_share(split_feats, grouped_batches(split_feats, args.batch_size, args.seed)),
+        "train_padding_share_length_grouped_megabatches": padding_share(split_feats, epoch_batches(len(split_feats), args.batch_size, args.seed, 0, [len(f["input_ids"]) for f in split_feats], group=50)),
     }
     # torch.inference_mode against torch.no_grad for evaluation
     nograd = measure_eval(bench, ("label_position",), grad_mode=torch.no_grad)["label_position"]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # SPUL trained longer at CPU scale: 20 epochs at lr 5e-3 with length-grouped batches and the KL
-# weight raised to beta 2 (the closest run to the target in the README's "SPUL at CPU scale" section). With the defaults it
-# writes next to the main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA
-# stages, adds runs/main/spul-long-s42 (about 22 minutes on 2 CPU cores) and reports
-# vanilla, QLoRA and SPUL in runs/main/spul_long.md. Overrides: LONG_EPOCHS LONG_LR LONG_ALPHA
-# LONG_BETA and everything in scripts/common.sh.
+# weight raised to beta 2, the closest run to the target in the README's "SPUL at CPU scale"
+# section. With the defaults it writes next to the main job (OUT=runs/main, PROFILE=cpu),
+# reuses its vanilla and QLoRA stages, adds runs/main/spul-long-s42 (about 22 minutes on 2 CPU
+# cores) and reports vanilla, QLoRA and SPUL in runs/main/spul_long.md. Overrides: LONG_EPOCHS
+# LONG_LR LONG_ALPHA LONG_BETA and everything in scripts/common.sh.
 PROFILE=${PROFILE:-cpu}
 OUT=${OUT:-runs/main}
 source "$(dirname "$0")/common.sh"
