@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from utils import cli, distributed
+from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate_splits, format_table
 from utils.models import DEFAULT_MODEL, select_device
@@ -37,6 +38,8 @@ def build_parser():
     g.add_argument("--ptuning_hidden_size", type=int, default=128, help="hidden size h of the prompt encoder's MLP")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
+    g.add_argument("--counterfactual_retain", action="store_true", help="entity forget sets: add one retain sample per forget text, the text with its forgotten names swapped for other names (seeded) and its true label, so that the prompt learns to forget these names rather than any name (see utils/augment.py)")
+    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
     g.add_argument("--cache_reference", action="store_true", help="keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward")
     cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3, save_every=200)
@@ -58,6 +61,8 @@ def check_args(args) -> None:
     for name, (ok, why) in checks.items():
         if not ok:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
+    if args.forget_names and not args.counterfactual_retain:
+        raise cli.UsageError("--forget_names: only used with --counterfactual_retain")
     check_sources(args)  # run kinds, --model_name vs the QLoRA run, --resume_from binding
 
 
@@ -74,6 +79,7 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     splits = prepare_splits(args)
+    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args), args.seed) if args.counterfactual_retain else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -88,7 +94,7 @@ def main(argv=None):
     if distributed.is_main():
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
-    features = training_set(encoder, splits, args.seed, relabel_forget=True)
+    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra)
     objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=args.cache_reference)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     try:

@@ -210,12 +210,16 @@ def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] 
     return out
 
 
-def training_set(encoder, splits, seed: int, relabel_forget: bool = False) -> list[dict]:
-    """train_retain + train_forget; forget samples keep their true label, or with
-    ``relabel_forget`` get a generic label drawn once from the seed."""
+def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra_retain: pd.DataFrame | None = None) -> list[dict]:
+    """train_retain (+ ``extra_retain`` rows, e.g. counterfactual ones) + train_forget; forget
+    samples keep their true label, or with ``relabel_forget`` get a generic label drawn once
+    from the seed."""
     forget = splits["train_forget"]
     targets = generic_labels(len(forget), seed) if relabel_forget else None
-    return encode_frame(encoder, splits["train_retain"], False) + encode_frame(encoder, forget, True, targets)
+    retain = encode_frame(encoder, splits["train_retain"], False)
+    if extra_retain is not None:
+        retain += encode_frame(encoder, extra_retain, False)
+    return retain + encode_frame(encoder, forget, True, targets)
 
 
 def split_fingerprint(splits: dict[str, pd.DataFrame]) -> dict:

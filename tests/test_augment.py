@@ -1,0 +1,123 @@
+"""utils/augment.py: counterfactual retain samples (forget texts with their forgotten names
+swapped), where the names come from, and spul.py --counterfactual_retain end to end."""
+import json
+
+import pandas as pd
+import pytest
+
+import spul
+from tests.conftest import write_splits
+from utils.augment import AugmentError, counterfactual_retain, forgotten_names, names_from_split
+from utils.data import training_set
+from utils.splits import name_pattern
+from utils.models import tiny_tokenizer
+from utils.template import Encoder
+
+NAMES = ["Woody Allen", "Spielberg"]
+POOL = ["Anna Keller", "Ben Thornton", "Carla Jensen"]
+FORGET = pd.DataFrame({
+    "text": ["Woody Allen is at his best here.", "A dull Spielberg film; spielberg's worst.", "Nobody named."],
+    "label": [1, 0, 0],
+    "label_text": ["positive", "negative", "negative"],
+})
+
+
+def test_swaps_every_forgotten_name_and_keeps_the_label():
+    out = counterfactual_retain(FORGET, NAMES, seed=0, pool=POOL)
+    assert len(out) == 2  # the row naming nobody is dropped
+    assert list(out["label"]) == [1, 0] and list(out["label_text"]) == ["positive", "negative"]
+    pattern = name_pattern(NAMES)
+    assert not any(pattern.search(t) for t in out["text"])
+    first, second = out["text"]
+    # a two-word name becomes a full pool name, a surname a pool surname; one pool name per text
+    full = [p for p in POOL if first == f"{p} is at his best here."]
+    assert len(full) == 1
+    surname = [p.split()[-1] for p in POOL if second == f"A dull {p.split()[-1]} film; {p.split()[-1]}'s worst."]
+    assert len(surname) == 1
+
+
+def test_seeded():
+    many = pd.concat([FORGET.iloc[:2]] * 20, ignore_index=True)
+    a = counterfactual_retain(many, NAMES, seed=1, pool=POOL)
+    assert a.equals(counterfactual_retain(many, NAMES, seed=1, pool=POOL))
+    assert not a.equals(counterfactual_retain(many, NAMES, seed=2, pool=POOL))
+
+
+def test_pool_names_that_are_forgotten_are_never_used():
+    out = counterfactual_retain(FORGET, NAMES, seed=0, pool=["Steven Spielberg", "Anna Keller"])
+    assert list(out["text"]) == ["Anna Keller is at his best here.", "A dull Keller film; Keller's worst."]
+    with pytest.raises(AugmentError, match="--forget_names"):
+        counterfactual_retain(FORGET, NAMES, seed=0, pool=["Woody Allen"])
+
+
+def test_no_forget_text_names_anyone():
+    with pytest.raises(AugmentError, match="--counterfactual_retain"):
+        counterfactual_retain(FORGET.iloc[2:], NAMES, seed=0, pool=POOL)
+
+
+def test_names_from_split_manifest(tmp_path):
+    assert names_from_split(tmp_path) is None  # no manifest
+    assert names_from_split("glue/sst2") is None  # a hub id
+    (tmp_path / "manifest.json").write_text(json.dumps({"recipe": "groups", "params": {"group_col": "movie"}}))
+    assert names_from_split(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"recipe": "entities", "params": {"names": NAMES}}))
+    assert names_from_split(tmp_path) == NAMES
+
+
+def test_forgotten_names_flag_first_then_manifest(tmp_path):
+    folder = write_splits(tmp_path / "d")
+    args = spul.build_parser().parse_args(["--data_dir", str(folder), "--counterfactual_retain"])
+    with pytest.raises(AugmentError, match="--forget_names"):
+        forgotten_names(args)
+    (folder / "manifest.json").write_text(json.dumps({"recipe": "entities", "params": {"names": NAMES}}))
+    assert forgotten_names(args) == NAMES
+    args.forget_names = ["Someone Else"]
+    assert forgotten_names(args) == ["Someone Else"]
+
+
+def test_training_set_puts_extra_rows_on_the_retain_side():
+    encoder = Encoder(tiny_tokenizer(), 64)
+    splits = {"train_retain": FORGET.iloc[2:], "train_forget": FORGET.iloc[:2]}
+    extra = counterfactual_retain(FORGET, NAMES, seed=0, pool=POOL)
+    feats = training_set(encoder, splits, seed=0, relabel_forget=True, extra_retain=extra)
+    assert [f["is_forget"] for f in feats] == [False, False, False, True, True]
+    assert [f["label"] for f in feats[1:3]] == [1, 0]
+    # the counterfactual rows are scored on their true label word, the forget rows on a generic one
+    positive = encoder.encode(extra["text"][0], "positive")[1]
+    assert feats[1]["label_ids"] == positive
+
+
+def forget_frame(rows=12):
+    people = ["Woody Allen", "Spielberg", "Godard"]
+    return pd.DataFrame({
+        "text": [f"{people[i % 3]} made a {'fine' if i % 2 else 'poor'} film, number {i}." for i in range(rows)],
+        "label": [i % 2 for i in range(rows)],
+    })
+
+
+def test_spul_cli_trains_on_counterfactual_rows(tmp_path, tiny_model_dir, capsys):
+    folder = write_splits(tmp_path / "d", train_forget=forget_frame())
+    args = ["--model_name", tiny_model_dir, "--data_dir", str(folder), "--max_length", "64", "--num_epochs", "1",
+            "--train_batch_size", "8", "--ptuning_num_tokens", "2", "--ptuning_hidden_size", "8",
+            "--eval_batch_size", "8", "--cache_reference"]
+    with pytest.raises(SystemExit) as e:  # no manifest and no --forget_names: one line, nothing written
+        spul.main(args + ["--counterfactual_retain", "--output_path", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --counterfactual_retain") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+
+    spul.main(args + ["--counterfactual_retain", "--forget_names", "Woody Allen", "Spielberg", "Godard",
+                      "--output_path", str(tmp_path / "cf")])
+    stats = json.loads((tmp_path / "cf" / "train_stats.json").read_text())
+    config = json.loads((tmp_path / "cf" / "config.json").read_text())
+    assert config["counterfactual_retain"] and config["forget_names"] == ["Woody Allen", "Spielberg", "Godard"]
+    # 8 retain + 12 counterfactual + 12 forget = 32 samples: 4 steps of 8, and 20 retain rows
+    # reach the reference cache (the counterfactual ones are retain rows)
+    assert stats["steps"] == 4
+    assert stats["kl_reference"]["reference_cache_misses"] == 20
+
+
+def test_forget_names_alone_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        spul.main(["--forget_names", "X", "--output_path", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--forget_names" in capsys.readouterr().err

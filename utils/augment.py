@@ -1,0 +1,83 @@
+"""Counterfactual retain samples for entity unlearning (``spul.py --counterfactual_retain``).
+
+When the forget set is "every text naming one of these people", a soft prompt trained on a few
+forget texts per person tends to learn "the text names someone" instead of "the text names one
+of *these* people", and then answers unseen retain texts that name anyone else with a generic
+label. Each counterfactual sample is a forget text with every forgotten name replaced by a name
+from ``SWAP_POOL`` (drawn with the run's seed), keeping the text's true sentiment label. It joins
+the retain side of the loss (L_r and L_kl), so the prompt is trained to answer it normally: the
+same sentence with another name is not to be forgotten.
+
+The forgotten names come from ``--forget_names`` or from the manifest of a split folder built by
+the ``entities`` recipe (the embedded ``rt`` dataset is one).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils.data import DataError, locate
+from utils.splits import MANIFEST, name_pattern
+
+# Replacement names: common first and last names, none of them a public figure of film or
+# letters, so that a swapped text names "someone else" and nobody the model knows well.
+SWAP_POOL = [
+    "Anna Keller", "Ben Thornton", "Carla Jensen", "David Okafor", "Elena Marsh", "Frank Delaney",
+    "Grace Whitfield", "Henry Caldwell", "Irene Novak", "James Porter", "Karen Lindqvist", "Leo Ramsey",
+    "Maria Castell", "Nathan Brooks", "Olivia Hartley", "Paul Mercer", "Rachel Dunn", "Samuel Hayes",
+    "Teresa Vogel", "Victor Lamb", "Wendy Sutton", "Adrian Fleming", "Beth Calloway", "Colin Barrett",
+    "Diana Morrow", "Edward Pryce", "Fiona Gallagher", "George Whitman", "Helen Stroud", "Ian Radford",
+]
+
+
+class AugmentError(DataError):
+    """Bad input for the counterfactual retain set; the message names the flag at fault."""
+
+
+def names_from_split(where) -> list[str] | None:
+    """The forgotten names recorded in a split folder's manifest (entities recipe), else None."""
+    if not isinstance(where, Path) or not (where / MANIFEST).is_file():
+        return None
+    manifest = json.loads((where / MANIFEST).read_text())
+    if manifest.get("recipe") != "entities":
+        return None
+    return list(manifest.get("params", {}).get("names") or []) or None
+
+
+def swap_names(text: str, pattern, rng: np.random.Generator, pool: list[str]) -> str:
+    """``text`` with each match of ``pattern`` replaced by one pool name (drawn once per text):
+    a one-word match (a surname) gets the pool name's last word, a longer match the full name."""
+    new = pool[rng.integers(len(pool))]
+    return pattern.sub(lambda m: new.split()[-1] if len(m.group(0).split()) == 1 else new, text)
+
+
+def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, pool: list[str] = SWAP_POOL) -> pd.DataFrame:
+    """One row per forget text that names someone in ``names``: the text with those names
+    swapped for pool names (seeded), with its true label. Rows naming nobody are dropped."""
+    pattern = name_pattern(names)
+    clean = [p for p in pool if not pattern.search(p)]
+    if not clean:
+        raise AugmentError("--forget_names: every replacement name in the pool is itself a forgotten name")
+    rng = np.random.default_rng([seed, 104729])  # own stream, independent of other draws
+    rows = forget[forget["text"].map(lambda t: pattern.search(t) is not None)]
+    if rows.empty:
+        raise AugmentError("--counterfactual_retain: no train_forget text names any of the forgotten names")
+    out = rows.copy()
+    out["text"] = [swap_names(t, pattern, rng, clean) for t in rows["text"]]
+    return out.reset_index(drop=True)
+
+
+def forgotten_names(args) -> list[str]:
+    """``--forget_names`` if given, else the names in the split folder's manifest."""
+    if getattr(args, "forget_names", None):
+        return list(args.forget_names)
+    names = names_from_split(locate(args.dataset, args.data_dir, args.data_root))
+    if not names:
+        raise AugmentError(
+            "--counterfactual_retain: the split does not record its forgotten names "
+            "(not built by the entities recipe); pass them with --forget_names"
+        )
+    return names
