@@ -38,7 +38,7 @@ def build_parser():
     g.add_argument("--ptuning_hidden_size", type=int, default=128, help="hidden size h of the prompt encoder's MLP")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
-    g.add_argument("--counterfactual_retain", action="store_true", help="entity forget sets: add one retain sample per forget text, the text with its forgotten names swapped for other names (seeded) and its true label, so that the prompt learns to forget these names rather than any name (see utils/augment.py)")
+    g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
     g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
     g.add_argument("--cache_reference", action="store_true", help="keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward")
@@ -54,6 +54,7 @@ def check_args(args) -> None:
         "ptuning_hidden_size": (args.ptuning_hidden_size >= 1, "must be at least 1"),
         "alpha": (args.alpha >= 0, "must be >= 0"),
         "beta": (args.beta >= 0, "must be >= 0"),
+        "counterfactual_retain": (0 <= args.counterfactual_retain <= 1, "the share of forget texts must be in [0, 1]"),
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
         "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),
@@ -79,7 +80,7 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     splits = prepare_splits(args)
-    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args), args.seed) if args.counterfactual_retain else None
+    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args), args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 

@@ -110,7 +110,7 @@ def test_spul_cli_trains_on_counterfactual_rows(tmp_path, tiny_model_dir, capsys
                       "--output_path", str(tmp_path / "cf")])
     stats = json.loads((tmp_path / "cf" / "train_stats.json").read_text())
     config = json.loads((tmp_path / "cf" / "config.json").read_text())
-    assert config["counterfactual_retain"] and config["forget_names"] == ["Woody Allen", "Spielberg", "Godard"]
+    assert config["counterfactual_retain"] == 1.0 and config["forget_names"] == ["Woody Allen", "Spielberg", "Godard"]
     # 8 retain + 12 counterfactual + 12 forget = 32 samples: 4 steps of 8, and 20 retain rows
     # reach the reference cache (the counterfactual ones are retain rows)
     assert stats["steps"] == 4
@@ -121,3 +121,25 @@ def test_forget_names_alone_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         spul.main(["--forget_names", "X", "--output_path", str(tmp_path / "o")])
     assert e.value.code == 2 and "--forget_names" in capsys.readouterr().err
+
+
+def test_share_keeps_a_seeded_subset_of_the_same_swaps():
+    many = pd.concat([FORGET.iloc[:2]] * 10, ignore_index=True)
+    full = counterfactual_retain(many, NAMES, seed=3, pool=POOL)
+    half = counterfactual_retain(many, NAMES, seed=3, pool=POOL, share=0.5)
+    assert len(full) == 20 and len(half) == 10
+    assert set(half["text"]) <= set(full["text"])  # the kept rows carry the same swapped text
+    assert len(counterfactual_retain(many, NAMES, seed=3, pool=POOL, share=0.01)) == 1
+    for bad in (0, 1.5):
+        with pytest.raises(AugmentError, match="--counterfactual_retain"):
+            counterfactual_retain(many, NAMES, seed=3, pool=POOL, share=bad)
+
+
+def test_share_flag_parses_and_is_checked(tmp_path, capsys):
+    parse = spul.build_parser().parse_args
+    assert parse([]).counterfactual_retain == 0.0
+    assert parse(["--counterfactual_retain"]).counterfactual_retain == 1.0
+    assert parse(["--counterfactual_retain", "0.5"]).counterfactual_retain == 0.5
+    with pytest.raises(SystemExit) as e:
+        spul.main(["--counterfactual_retain", "2", "--output_path", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--counterfactual_retain 2" in capsys.readouterr().err

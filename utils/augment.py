@@ -54,9 +54,13 @@ def swap_names(text: str, pattern, rng: np.random.Generator, pool: list[str]) ->
     return pattern.sub(lambda m: new.split()[-1] if len(m.group(0).split()) == 1 else new, text)
 
 
-def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, pool: list[str] = SWAP_POOL) -> pd.DataFrame:
+def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, pool: list[str] = SWAP_POOL,
+                          share: float = 1.0) -> pd.DataFrame:
     """One row per forget text that names someone in ``names``: the text with those names
-    swapped for pool names (seeded), with its true label. Rows naming nobody are dropped."""
+    swapped for pool names (seeded), with its true label. Rows naming nobody are dropped; with
+    ``share`` < 1 a seeded subset of that many of them (at least one) is kept."""
+    if not 0 < share <= 1:
+        raise AugmentError(f"--counterfactual_retain {share}: the share of forget texts must be in (0, 1]")
     pattern = name_pattern(names)
     clean = [p for p in pool if not pattern.search(p)]
     if not clean:
@@ -67,6 +71,9 @@ def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, poo
         raise AugmentError("--counterfactual_retain: no train_forget text names any of the forgotten names")
     out = rows.copy()
     out["text"] = [swap_names(t, pattern, rng, clean) for t in rows["text"]]
+    if share < 1:
+        keep = np.sort(rng.choice(len(out), max(1, round(share * len(out))), replace=False))
+        out = out.iloc[keep]
     return out.reset_index(drop=True)
 
 
