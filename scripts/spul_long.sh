@@ -4,18 +4,20 @@
 # section. With the defaults it writes next to the main job (OUT=runs/main, PROFILE=cpu),
 # reuses its vanilla and QLoRA stages, adds runs/main/spul-long-s42 (about 22 minutes on 2 CPU
 # cores) and reports vanilla, QLoRA and SPUL in runs/main/spul_long.md. Overrides: LONG_EPOCHS
-# LONG_LR LONG_ALPHA LONG_BETA and everything in scripts/common.sh.
+# LONG_LR LONG_ALPHA LONG_BETA, LONG_FLAGS (extra spul.py flags, e.g.
+# LONG_FLAGS="--counterfactual_retain" for the name-swapped retain copies) and everything in
+# scripts/common.sh.
 PROFILE=${PROFILE:-cpu}
 OUT=${OUT:-runs/main}
 source "$(dirname "$0")/common.sh"
-: "${LONG_EPOCHS:=20}" "${LONG_LR:=5e-3}" "${LONG_ALPHA:=1}" "${LONG_BETA:=2}"
+: "${LONG_EPOCHS:=20}" "${LONG_LR:=5e-3}" "${LONG_ALPHA:=1}" "${LONG_BETA:=2}" "${LONG_FLAGS:=}"
 
 runs=()
 for seed in $SEEDS; do
   vanilla_stage "$seed"
   qlora_stage "$seed"
   SPUL_EPOCHS=$LONG_EPOCHS SPUL_LR=$LONG_LR spul_stage "$seed" "spul-long-s$seed" --group_by_length 4 \
-    --alpha "$LONG_ALPHA" --beta "$LONG_BETA" --ptuning_num_tokens "$P_TOKENS"
+    --alpha "$LONG_ALPHA" --beta "$LONG_BETA" --ptuning_num_tokens "$P_TOKENS" $LONG_FLAGS
   for r in vanilla qlora spul-long; do runs+=("$OUT/$r-s$seed"); done
 done
 report spul_long "${runs[@]}"
