@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# SPUL trained longer at CPU scale: 20 epochs at lr 5e-3 with length-grouped batches and the KL
-# weight raised to beta 2, the closest run to the target in the README's "SPUL at CPU scale"
-# section. With the defaults it writes next to the main job (OUT=runs/main, PROFILE=cpu),
-# reuses its vanilla and QLoRA stages, adds runs/main/spul-long-s42 (about 22 minutes on 2 CPU
+# SPUL trained longer at CPU scale: 20 epochs at lr 5e-3 with length-grouped batches, the KL
+# weight raised to beta 2 and name-swapped retain copies of a quarter of the forget reviews
+# (--counterfactual_retain 0.25): the run in the README's "SPUL at CPU scale" section that meets
+# issue 3's target (train forget -73, test retain -4.7). With the defaults it writes next to
+# the main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA stages, adds runs/main/spul-long-s42 (about 26 minutes on 2 CPU
 # cores) and reports vanilla, QLoRA and SPUL in runs/main/spul_long.md. Overrides: LONG_EPOCHS
-# LONG_LR LONG_ALPHA LONG_BETA, LONG_FLAGS (extra spul.py flags, e.g.
-# LONG_FLAGS="--counterfactual_retain" for the name-swapped retain copies) and everything in
-# scripts/common.sh.
+# LONG_LR LONG_ALPHA LONG_BETA, LONG_FLAGS (extra spul.py flags; LONG_FLAGS=" " drops the
+# copies) and everything in scripts/common.sh.
 PROFILE=${PROFILE:-cpu}
 OUT=${OUT:-runs/main}
 source "$(dirname "$0")/common.sh"
-: "${LONG_EPOCHS:=20}" "${LONG_LR:=5e-3}" "${LONG_ALPHA:=1}" "${LONG_BETA:=2}" "${LONG_FLAGS:=}"
+: "${LONG_EPOCHS:=20}" "${LONG_LR:=5e-3}" "${LONG_ALPHA:=1}" "${LONG_BETA:=2}" "${LONG_FLAGS:=--counterfactual_retain 0.25}"
 
 runs=()
 for seed in $SEEDS; do

@@ -57,7 +57,7 @@ def test_spul_long_reuses_the_main_job():
     assert q.output_path == "runs/main/qlora-s42" and s.model_checkpoints == q.output_path
     assert (s.num_epochs, s.lr, s.group_by_length, s.train_batch_size, s.cache_reference) == (20, 5e-3, 4, 8, True)
     assert parsed[-1][0] == "utils.report" and len(parsed) == 4
-    assert s.counterfactual_retain == 0.0
+    assert s.counterfactual_retain == 0.25
     flagged = [parse(c) for c in dry_run("spul_long.sh", LONG_FLAGS="--counterfactual_retain 0.5")]
     assert next(a for t, a in flagged if t == "spul.py").counterfactual_retain == 0.5
 
