@@ -2,15 +2,17 @@
 """Unlearn by fine-tuning (the paper's baselines, plus NPO): start from the merged QLoRA model
 (--model_checkpoints QLORA_RUN) or a pre-trained model (--model_name), fine-tune it with the
 chosen --unlearn_method for 1 epoch (full fine-tuning; --lora trains a fresh LoRA adapter
-instead), evaluate on the four splits and save the unlearned weights (or adapter), tokenizer,
+instead), evaluate on every split and save the unlearned weights (or adapter), tokenizer,
 config, metrics, train stats and a manifest into one run folder, which inference_spul.py
---model_checkpoints reads back."""
+--model_checkpoints reads back. The training-free methods instruction_prompt and in_context
+train nothing: they place a fixed hard-text prefix before every input of the starting model,
+evaluate it, and save the prefix (prefix.txt) and a manifest pointing to the model, no weights."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from utils import cli, distributed
+from utils import cli, distributed, guardrails
 from utils.baselines import (
     METHODS,
     AdapterOffReference,
@@ -20,16 +22,18 @@ from utils.baselines import (
     make_loss_fn,
     methods_help,
     nonfinite_parameters,
+    save_prefix,
     save_unlearned,
     select_features,
 )
 from utils.checkpoints import load_pretrained, load_run
 from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate_splits, format_table
+from utils.guardrails import prefix_embeddings
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
-from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
+from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
 
 
 def build_parser():
@@ -53,6 +57,19 @@ def build_parser():
     g.add_argument("--lora_rank", type=int, default=16, help="LoRA rank with --lora")
     g.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha with --lora")
     g.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout with --lora")
+    t = p.add_argument_group(
+        f"training-free methods ({', '.join(n for n, m in METHODS.items() if m.training_free)})",
+        "no loss and no training: a fixed hard-text prefix goes before every input of the starting model "
+        "(the training flags are unused); the run folder holds prefix.txt and points to the model")
+    t.add_argument("--forget_names", nargs="+", metavar="NAME", default=None,
+                   help="instruction_prompt: the forgotten people its instruction names (default: the names "
+                        "recorded by an entities-recipe split folder, e.g. the embedded rt)")
+    t.add_argument("--icl_forget", type=int, default=None, metavar="K",
+                   help=f"in_context: train_forget examples in the context, each with a generic label "
+                        f"(default {guardrails.ICL_DEFAULT}; drawn with --seed)")
+    t.add_argument("--icl_retain", type=int, default=None, metavar="K",
+                   help=f"in_context: class-balanced train_retain examples in the context, with their true labels "
+                        f"(default {guardrails.ICL_DEFAULT}; drawn with --seed)")
     m = p.add_argument_group("starting model")
     m.add_argument("--model_checkpoints", default=None,
                    help="a qlora.py run folder: the base model with its QLoRA adapter merged (the paper's setting); "
@@ -79,12 +96,27 @@ def check_args(args) -> float:
         raise cli.UsageError(f"--kl_topk {args.kl_topk}: must be >= 0")
     if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1:
         raise cli.UsageError("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
+    for flag in METHOD_FLAGS:
+        if getattr(args, flag) is not None and flag not in method.flags:
+            users = ", ".join(n for n, m in METHODS.items() if flag in m.flags)
+            raise cli.UsageError(f"--{flag}: only used with --unlearn_method {users}")
+    for flag in ("icl_forget", "icl_retain"):
+        if flag in method.flags:
+            setattr(args, flag, guardrails.ICL_DEFAULT if getattr(args, flag) is None else getattr(args, flag))
+            if getattr(args, flag) < 0:
+                raise cli.UsageError(f"--{flag} {getattr(args, flag)}: must be >= 0")
+    if "icl_forget" in method.flags and args.icl_forget + args.icl_retain == 0:
+        raise cli.UsageError("--icl_forget 0 --icl_retain 0: the context would be empty")
     return weight
+
+
+METHOD_FLAGS = ("forget_names", "icl_forget", "icl_retain")  # read only by the methods naming them in Method.flags
 
 
 def default_output(args) -> Path:
     start = Path(str(args.model_checkpoints).rstrip("/")).name if args.model_checkpoints else default_run_name(Path(args.model_name).name, args.dataset)
-    return Path("runs") / default_run_name(start, args.unlearn_method + ("-lora" if args.lora else ""))
+    lora = args.lora and not METHODS[args.unlearn_method].training_free
+    return Path("runs") / default_run_name(start, args.unlearn_method + ("-lora" if lora else ""))
 
 
 def warn_if_other_data(qlora_manifest: dict, splits_fp: dict) -> None:
@@ -93,6 +125,64 @@ def warn_if_other_data(qlora_manifest: dict, splits_fp: dict) -> None:
     if theirs and theirs != splits_fp["train_forget"]["sha256"]:
         print("warning: train_forget differs from the one the QLoRA run was trained on "
               "(other --dataset, --forget_size, caps or --seed)", file=sys.stderr)
+
+
+def load_start(args, qlora_manifest, splits, device):
+    """The starting model (the QLoRA run merged, or --model_name) and its encoder."""
+    loaded = load_run(args.model_checkpoints, device, kinds=("qlora",)) if args.model_checkpoints else load_pretrained(args.model_name, device, args.set_pad_id)
+    if args.set_pad_id:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    set_pad_token_id(loaded.model, loaded.tokenizer.pad_token_id)
+    if qlora_manifest is not None:
+        args.model_name = qlora_manifest["base_model"]  # the run's base, recorded in the manifest
+        warn_if_other_data(qlora_manifest, split_fingerprint(splits))
+    encoder = Encoder(loaded.tokenizer, args.max_length)
+    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    return loaded, encoder
+
+
+def qlora_binding(qlora_run, qlora_manifest) -> dict:
+    """Manifest fields naming the QLoRA run a baseline started from (None without one)."""
+    return {
+        "qlora_run": str(qlora_run) if qlora_run else None,
+        "qlora_adapter_sha256": qlora_manifest.get("adapter_sha256") if qlora_manifest else None,
+        "qlora_base_weights_sha256": qlora_manifest.get("base_weights_sha256") if qlora_manifest else None,
+    }
+
+
+def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
+    """A training-free method: its prefix (names or in-context examples; bad input is refused
+    here, before any model loads), the starting model evaluated on every split with the prefix
+    as prompt embeddings, and a run folder holding the prefix and pointing to the model."""
+    guard = method.prefix(args, splits)
+    cli.check_tokenizer(args)  # --max_length, before any model is loaded
+    device = select_device()
+    loaded, encoder = load_start(args, qlora_manifest, splits, device)
+    prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text)
+    if distributed.is_main():
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        print(f"device {device}, method {args.unlearn_method} (training-free), prefix {prompt.size(0)} tokens")
+        if limit and prompt.size(0) + args.max_length > limit:
+            print(f"warning: the prefix ({prompt.size(0)} tokens) plus --max_length {args.max_length} exceeds the "
+                  f"model's {limit} positions", file=sys.stderr)
+    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+
+    if distributed.is_main():
+        # the run is rebuilt from the QLoRA run it points to: an absolute path, found from any working directory
+        qlora_run = Path(args.model_checkpoints).resolve() if args.model_checkpoints else None
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+            saved = save_prefix(tmp, loaded.tokenizer, guard.text)
+            manifest = run_manifest(
+                "baseline", args, loaded.model_path, splits,
+                method=args.unlearn_method, training_free=True, prefix=guard.text, guardrail=guard.record,
+                lora=False, **qlora_binding(qlora_run, qlora_manifest), saved=saved,
+            )
+            stats = {**TrainStats().as_dict(), "seconds": 0.0, "training_samples": 0, "prefix_tokens": saved["prefix_tokens"]}
+            save_run(tmp, args, metrics, manifest, stats)
+        print(format_table({args.unlearn_method: metrics}))
+        print(f"run folder: {out}")
+    distributed.barrier()
 
 
 @cli.entry_point
@@ -105,20 +195,14 @@ def main(argv=None):
     qlora_manifest = read_manifest(Path(args.model_checkpoints), kinds=("qlora",)) if args.model_checkpoints else None
     seed_everything(args.seed)
     splits = prepare_splits(args)
+    if method.training_free:
+        return run_training_free(args, method, out, qlora_manifest, splits)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
-    loaded = load_run(args.model_checkpoints, device, kinds=("qlora",)) if args.model_checkpoints else load_pretrained(args.model_name, device, args.set_pad_id)
+    loaded, encoder = load_start(args, qlora_manifest, splits, device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    if args.set_pad_id:
-        tokenizer.pad_token = tokenizer.eos_token
-    set_pad_token_id(model, tokenizer.pad_token_id)
-    if qlora_manifest is not None:
-        args.model_name = qlora_manifest["base_model"]  # the run's base, recorded in the manifest
-        warn_if_other_data(qlora_manifest, split_fingerprint(splits))
-    encoder = Encoder(tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
 
     features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget), weight)
     weights = Weights(retain=weight, npo_beta=args.npo_beta)
@@ -162,9 +246,7 @@ def main(argv=None):
                 loss_weights={"retain": weight if method.retain_term else None, "retain_term": method.retain_term,
                               "npo_beta": args.npo_beta if method.ref_logprob else None},
                 lora=args.lora,
-                qlora_run=str(args.model_checkpoints) if args.model_checkpoints else None,
-                qlora_adapter_sha256=qlora_manifest.get("adapter_sha256") if qlora_manifest else None,
-                qlora_base_weights_sha256=qlora_manifest.get("base_weights_sha256") if qlora_manifest else None,
+                **qlora_binding(args.model_checkpoints, qlora_manifest),
                 reference={k: v for k, v in reference.stats.items() if k != "seconds"},
                 saved=saved,
             )

@@ -99,7 +99,6 @@ def build_parser():
     g.add_argument("--lora_rank", type=int, default=16, help="QLoRA: LoRA rank")
     g.add_argument("--no_quantize", action="store_true", help="QLoRA row: LoRA on the full-precision model instead of 4-bit NF4")
     g = p.add_argument_group("machine")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     g.add_argument("--matmul_size", type=int, default=None, help="n of the n x n x n matmul that measures the peak (default 2048 on CPU, 8192 on CUDA)")
     g.add_argument("--levers", action="store_true", help="also measure the other levers (threads, inference_mode, length grouping, gradient checkpointing, bf16 on CPU, GQA in SDPA)")
     g = p.add_argument_group("output")
@@ -122,8 +121,6 @@ def check_args(args) -> None:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.warmup_steps < 0 or args.kl_topk < 0 or args.alpha < 0 or args.beta < 0 or args.npo_beta <= 0:
         raise cli.UsageError("--warmup_steps, --kl_topk, --alpha, --beta must be >= 0 and --npo_beta > 0")
-    if args.threads is not None and args.threads < 1:
-        raise cli.UsageError(f"--threads {args.threads}: must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +457,8 @@ def baseline_trainers(bench: Bench) -> list[Trainer]:
     optimizer = adamw(params, LR["baseline"])
     rows, refs = [], {}
     for key, method in METHODS.items():
+        if method.training_free:  # no step to time
+            continue
         feats = bench.data.features(method.relabel_forget)
         weight = method.default_weight
         if method.ref_logprob or (method.ref_dist and weight > 0):
@@ -840,9 +839,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # --threads is applied by cli.check_common
     device = select_device()
     dtype = compute_dtype(device)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a model on the four splits (train_retain, train_forget, test_retain, test_forget):
 either a pre-trained model (--model_name, the paper's 'Vanilla' row) or any run folder of this
-toolkit (--model_checkpoints). Prints a table and writes metrics JSON into an eval folder."""
+toolkit (--model_checkpoints). Prints a table and writes metrics JSON into an eval folder.
+
+Two protocols: ``argmax`` (every row of the paper's tables but Vanilla: one teacher-forced
+forward, argmax over the vocabulary where the first label token is predicted) and ``generate``
+(the paper's Vanilla rows: greedy decoding of a few tokens, label words matched in the text)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +15,7 @@ from utils.binding import load_checked
 from utils.checkpoints import load_pretrained
 from utils.data import prepare_splits
 from utils.evaluation import evaluate_splits, format_table
+from utils.generation import MAX_NEW_TOKENS, evaluate_generation
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, default_run_name, library_versions, save_run
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
@@ -26,6 +31,15 @@ def build_parser():
     cli.add_model_args(p)
     cli.add_data_args(p)
     p.add_argument("--eval_batch_size", type=int, default=32, help="examples per forward")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=("argmax", "generate"), default="argmax",
+                   help="argmax: one teacher-forced forward, the argmax over the whole vocabulary at the position that "
+                        "predicts the first label token (the paper's protocol for every row but Vanilla); generate: "
+                        "greedy decoding of --max_new_tokens tokens after '### Sentiment:', the label word that occurs "
+                        "first in the text is the prediction, anything else is wrong (the paper's Vanilla rows, its "
+                        "release's inference_vanilla.py)")
+    g.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS,
+                   help="with --protocol generate: tokens generated per example (the release's value)")
     cli.add_output_args(p)
     return p
 
@@ -33,14 +47,30 @@ def build_parser():
 def default_output(args) -> Path:
     if args.model_checkpoints:
         suffix = "-noprompt" if args.no_prompt else ""
+        suffix += "-generate" if args.protocol == "generate" else ""
         return Path(str(Path(args.model_checkpoints)).rstrip("/") + f"-eval-{args.dataset}{suffix}")
-    return Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "vanilla")
+    protocol = "generate" if args.protocol == "generate" else None
+    return Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "vanilla", protocol)
+
+
+def check_protocol(args) -> None:
+    if args.max_new_tokens < 1:
+        raise cli.UsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+
+
+def evaluate(args, loaded, encoder, splits, device, prompt) -> dict:
+    """Metrics per split under ``--protocol``; the same format under both."""
+    if args.protocol == "generate":
+        return evaluate_generation(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt,
+                                   max_new_tokens=args.max_new_tokens)
+    return evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
 
 
 @cli.entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_common(args)
+    check_protocol(args)
     out = Path(args.output_path or default_output(args))
     check_output(out, args.overwrite)
     seed_everything(args.seed)
@@ -55,11 +85,15 @@ def main(argv=None):
     prompt = None if args.no_prompt else loaded.prompt
     encoder = Encoder(loaded.tokenizer, args.max_length)
     cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
-    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+    metrics = evaluate(args, loaded, encoder, splits, device, prompt)
 
     name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")
+    name += " (generate)" if args.protocol == "generate" else ""
     manifest = {"kind": "eval", "evaluated": loaded.manifest, "source": args.model_checkpoints or args.model_name,
-                "prompt_used": prompt is not None, "forced_mismatches": forced, "versions": library_versions()}
+                "prompt_used": prompt is not None, "protocol": args.protocol,
+                "max_new_tokens": args.max_new_tokens if args.protocol == "generate" else None,
+                "forced_mismatches": forced, "seed": args.seed, "data_seed": args.data_seed,
+                "threads": args.threads, "versions": library_versions()}
     if distributed.is_main():  # every process holds the gathered metrics; one writes them
         with atomic_run_dir(out, args.overwrite) as tmp:
             save_run(tmp, args, metrics, manifest)

@@ -17,7 +17,7 @@ from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate_splits, format_table
 from utils.models import DEFAULT_MODEL, select_device
-from utils.prompt import add_prompt, prompt_embeddings, save_prompt, trainable_parameters
+from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective
 from utils.spul_run import TOKENIZER_DIR, check_sources, load_frozen_source, resume_encoder, spul_manifest
@@ -36,6 +36,7 @@ def build_parser():
     g = p.add_argument_group("soft prompt (P-tuning, MLP encoder) and loss")
     g.add_argument("--ptuning_num_tokens", type=int, default=30, help="number p of virtual tokens prepended to the input")
     g.add_argument("--ptuning_hidden_size", type=int, default=128, help="hidden size h of the prompt encoder's MLP")
+    g.add_argument("--prompt_norm", default="free", choices=PROMPT_NORMS, help="free: the paper's P-tuning, the encoder's output as it is; token: each prompt row rescaled to the mean norm of the model's token embeddings (ours: keeps the prompt at the scale the model was trained on, see the README)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
@@ -89,7 +90,8 @@ def main(argv=None):
     tokenizer = source.tokenizer
     encoder = Encoder(tokenizer, args.max_length)
     cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
-    model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed)
+    row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
+    model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed, row_norm)
     if args.resume_from:
         resume_encoder(model, args)
     if distributed.is_main():
@@ -112,6 +114,7 @@ def main(argv=None):
             save_prompt(model, tmp)
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
+            manifest["prompt"]["row_norm"] = row_norm
             save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)
         print(format_table({"SPUL": metrics}))

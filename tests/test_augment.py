@@ -111,10 +111,11 @@ def test_spul_cli_trains_on_counterfactual_rows(tmp_path, tiny_model_dir, capsys
     stats = json.loads((tmp_path / "cf" / "train_stats.json").read_text())
     config = json.loads((tmp_path / "cf" / "config.json").read_text())
     assert config["counterfactual_retain"] == 1.0 and config["forget_names"] == ["Woody Allen", "Spielberg", "Godard"]
-    # 8 retain + 12 counterfactual + 12 forget = 32 samples: 4 steps of 8, and 20 retain rows
+    # the validation carve (5%, at least one row) leaves 7 retain and 11 forget rows:
+    # 7 retain + 11 counterfactual + 11 forget = 29 samples: 4 steps of 8, and 18 retain rows
     # reach the reference cache (the counterfactual ones are retain rows)
     assert stats["steps"] == 4
-    assert stats["kl_reference"]["reference_cache_misses"] == 20
+    assert stats["kl_reference"]["reference_cache_misses"] == 18
 
 
 def test_forget_names_alone_is_refused(tmp_path, capsys):

@@ -40,8 +40,9 @@ def _ce(logits, y):
 
 
 def test_registry_lists_the_five_methods_and_their_samples():
-    assert list(METHODS) == ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"]
-    on_retain = {name: m.trains_on_retain(m.default_weight) for name, m in METHODS.items()}
+    assert list(METHODS) == ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
+                             "instruction_prompt", "in_context"]  # the last two training-free (tests/test_guardrails.py)
+    on_retain = {name: m.trains_on_retain(m.default_weight) for name, m in METHODS.items() if not m.training_free}
     assert on_retain == {"gradient_ascent": False, "random_label": False, "gradient_ascent_kl": True,
                          "gradient_ascent_descent": True, "npo": False}
     assert METHODS["npo"].trains_on_retain(0.5)  # NPO+RT
@@ -256,7 +257,7 @@ def _run(args):
     baselines.main([str(a) for a in args])
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [n for n, m in METHODS.items() if not m.training_free])
 def test_each_method_end_to_end(method, qlora_run, data_args, tmp_path, capsys):
     out = tmp_path / method
     _run(["--model_checkpoints", qlora_run, "--unlearn_method", method, "--lr", "1e-3", "--train_batch_size", "4",
@@ -278,7 +279,7 @@ def test_each_method_end_to_end(method, qlora_run, data_args, tmp_path, capsys):
     if method == "npo":  # first step: the model is the reference
         assert stats["losses"][0][1] == pytest.approx(20 * math.log(2), rel=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"train_retain", "train_forget", "test_retain", "test_forget"}
+    assert set(metrics) == {"train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget"}
     ev = tmp_path / "eval"
     inference_spul.main(["--model_checkpoints", str(out), "--output_path", str(ev)] + data_args)
     again = json.loads((ev / "metrics.json").read_text())

@@ -82,7 +82,7 @@ def test_spul_and_inference_under_accelerate_launch_with_two_processes(tmp_path)
     data = write_splits(tmp_path / "data", rows=10)
     model = decisive_model(tmp_path / "model", data)  # eval batches of 4: 4, 4, 2 -> ranks get 2 and 1 batches
     runs = tmp_path / "runs"
-    common = ["--data_dir", data, "--max_length", "64", "--eval_batch_size", "4"]
+    common = ["--data_dir", data, "--max_length", "64", "--eval_batch_size", "4", "--val_fraction", "0"]  # 10 rows each
     launch("spul.py", "--model_name", model, "--output_path", runs / "spul", "--num_epochs", "1", "--train_batch_size", "4",
            "--lr", "1e-2", "--ptuning_num_tokens", "3", "--ptuning_hidden_size", "8", "--save_every", "2", *common)
     assert sorted(p.name for p in runs.iterdir()) == ["spul"]  # one run folder; no temporary or checkpoint folder

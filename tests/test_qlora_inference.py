@@ -25,7 +25,7 @@ def test_qlora_writes_complete_run_folder(qlora_run):
     assert manifest["kind"] == "qlora" and manifest["splits"]["train_forget"]["rows"] == 12
     assert len(manifest["adapter_sha256"]) == 64 and manifest["lora_target_modules"] == ["q_proj", "v_proj"]
     metrics = json.loads((qlora_run / "metrics.json").read_text())
-    assert set(metrics) == {"train_retain", "train_forget", "test_retain", "test_forget"}
+    assert set(metrics) == {"train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget"}
     assert all(m["n"] == 12 for m in metrics.values())
     stats = json.loads((qlora_run / "train_stats.json").read_text())
     assert stats["steps"] == 3 and stats["trainable_params"] > 0  # 24 training examples / batch 8

@@ -13,7 +13,7 @@ import spul
 from tests.conftest import TINY_DATA_ARGS
 from utils.models import save_tiny_model
 
-SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
              "--ptuning_num_tokens", "4", "--ptuning_hidden_size", "16"]
 
@@ -166,3 +166,20 @@ def test_spul_on_pretrained_model_and_resume(runs, tiny_model_dir, data_args, tm
     b = load_file(str(tmp_path / "resumed" / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.allclose(a, b, atol=1e-6)
     assert read(tmp_path / "resumed" / "manifest.json")["resumed_from"] == str(out.resolve())
+
+
+def test_same_command_same_threads_gives_bit_identical_metrics(runs, data_args, tmp_path):
+    """Reproducibility: a repeated SPUL run (same flags, same --threads) writes byte-for-byte the
+    same metrics.json, the thread count is recorded in config.json and the manifest, and the
+    token-norm prompt keeps every prompt row at the model's mean token-embedding norm."""
+    argv = ["--model_checkpoints", str(runs / "qlora"), "--threads", "1", "--prompt_norm", "token"] + SPUL_ARGS + data_args
+    spul.main(argv + ["--output_path", str(tmp_path / "a")])
+    spul.main(argv + ["--output_path", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
+    assert read(tmp_path / "a" / "config.json")["threads"] == 1
+    manifest = read(tmp_path / "a" / "manifest.json")
+    assert manifest["threads"] == 1 and manifest["data_seed"] == 0
+    prompt = load_file(tmp_path / "a" / "prompt" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.allclose(prompt.norm(dim=-1), torch.full((prompt.size(0),), manifest["prompt"]["row_norm"]), rtol=1e-4)
+    assert set(read(tmp_path / "a" / "metrics.json")) == {"train_retain", "train_forget", "val_retain", "val_forget",
+                                                           "test_retain", "test_forget"}

@@ -155,7 +155,7 @@ def tiny_batch(is_forget):
 
 def test_objective_reference_is_the_same_model_without_prompt():
     model = tiny_llama(32, seed=0).eval().requires_grad_(False)  # frozen, as in spul.py
-    prompt = torch.randn(3, 32, requires_grad=True)
+    prompt = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)  # not the global RNG: no test-order dependence
     batch = tiny_batch([True, False, False])
     objective = SpulObjective(lambda m: prompt, alpha=1.0, beta=1.0)
     loss, terms = objective(model, batch)

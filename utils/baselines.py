@@ -1,5 +1,7 @@
 """Fine-tuning unlearning baselines: one small loss per method, a registry, the frozen
-reference they need, and saving/loading their run folders.
+reference they need, and saving/loading their run folders. The registry also holds two
+training-free methods (``training_free``: no loss, no training), whose fixed hard-text prefix
+comes from ``utils.guardrails``; their run folders hold the prefix and point to the model.
 
 Every loss is a pure function ``(logits, batch, ref, weights) -> (loss, {term: float})`` on
 label-position logits (B, K, V) (see ``utils.forward.label_logits``) and the batch fields
@@ -43,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from utils import guardrails
 from utils.forward import label_logits, to_device
 from utils.losses import ce_per_sample, kl_per_sample, masked_mean, sequence_logprob
 from utils.template import IGNORE, collate
@@ -168,13 +171,18 @@ class Method:
     Retain samples are in the training set iff the method has a retain term and its weight
     is > 0 (GA and RL see only the forget set, as in the paper)."""
 
-    loss: Callable
+    loss: Callable | None
     help: str
     retain_term: str | None = None  # name of the weighted retain/KL term, None if none
     default_weight: float = 0.0  # default of --retain_weight
     relabel_forget: bool = False  # forget samples carry generic labels
     ref_logprob: bool = False  # needs log pi_ref(y|x) on forget samples
     ref_dist: bool = False  # needs the reference label distribution on retain samples
+    # training-free (no loss, no training): ``prefix(args, splits) -> utils.guardrails.Guardrail``
+    # builds the hard-text prefix placed before every input; the run saves no weights
+    training_free: bool = False
+    prefix: Callable | None = None
+    flags: tuple[str, ...] = ()  # the method-specific flags it reads (--forget_names, --icl_*)
 
     def trains_on_retain(self, weight: float) -> bool:
         return self.retain_term is not None and weight > 0
@@ -201,11 +209,25 @@ METHODS: dict[str, Method] = {
         "+ w * retain CE (default w=0: plain NPO on the forget set; w>0 is NPO+RT)",
         retain_term="CE", default_weight=0.0, ref_logprob=True,
     ),
+    "instruction_prompt": Method(
+        None,
+        "guardrail prompt (Thaker et al. 2024): a fixed instruction before every input, naming the forgotten "
+        "people (--forget_names, or the entities split's manifest) and asking for the generic label "
+        f"'{guardrails.INSTRUCTION_LABEL}' for texts about them",
+        training_free=True, prefix=guardrails.instruction_guardrail, flags=("forget_names",),
+    ),
+    "in_context": Method(
+        None,
+        "in-context unlearning (Pawelczyk et al. 2024): a fixed context of --icl_forget train_forget examples "
+        "with generic labels and --icl_retain class-balanced train_retain examples with their true labels, "
+        "seeded, before every input",
+        training_free=True, prefix=guardrails.in_context_guardrail, flags=("icl_forget", "icl_retain"),
+    ),
 }
 
 
 def methods_help() -> str:
-    return "; ".join(f"{name}: {m.help}" for name, m in METHODS.items())
+    return "; ".join(f"{name}{' (training-free)' if m.training_free else ''}: {m.help}" for name, m in METHODS.items())
 
 
 def select_features(method: Method, features: list[dict], weight: float) -> list[dict]:
@@ -398,8 +420,43 @@ def save_unlearned(tmp: Path, model, lora: bool, qlora_run: Path | None) -> dict
     return out
 
 
+PREFIX_FILE = "prefix.txt"
+
+
+def save_prefix(tmp: Path, tokenizer, text: str) -> dict:
+    """A training-free run's prefix (``prefix.txt``, UTF-8, verbatim) and its hashes (text and
+    token ids) for the manifest; no weights are saved."""
+    ids = guardrails.prefix_ids(tokenizer, text)
+    (tmp / PREFIX_FILE).write_bytes(text.encode("utf-8"))
+    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": file_sha256(tmp / PREFIX_FILE),
+            "prefix_tokens": len(ids), "prefix_ids_sha256": guardrails.ids_sha256(ids)}
+
+
+def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device):
+    """The model the run started from (its QLoRA run merged, or the pre-trained model) with the
+    run's prefix as prompt embeddings (``Loaded.prompt``; ``inference_spul.py --no_prompt``
+    drops it)."""
+    from utils.checkpoints import Loaded, load_pretrained, load_run
+    from utils.models import set_pad_token_id
+    from utils.runs import RunError
+
+    saved = manifest["saved"]
+    path = run_dir / saved["prefix"]
+    if not path.is_file() or file_sha256(path) != saved["prefix_sha256"]:
+        raise RunError(f"--model_checkpoints {run_dir}: {saved['prefix']} is missing or does not match the manifest hash")
+    text = path.read_bytes().decode("utf-8")
+    if guardrails.ids_sha256(guardrails.prefix_ids(tokenizer, text)) != saved["prefix_ids_sha256"]:
+        raise RunError(f"--model_checkpoints {run_dir}: its tokenizer no longer gives the prefix's recorded token ids")
+    qlora = manifest.get("qlora_run")
+    source = load_run(qlora, device, "qlora_run (in the manifest)", ("qlora",)) if qlora else load_pretrained(manifest["base_model"], device)
+    set_pad_token_id(source.model, tokenizer.pad_token_id)
+    prompt = guardrails.prefix_embeddings(source.model, tokenizer, text)
+    return Loaded(source.model.eval(), tokenizer, manifest, source.model_path, prompt=prompt)
+
+
 def load_baseline(run_dir: Path, manifest: dict, device):
-    """A baseline run folder -> the unlearned model (full precision, adapters merged)."""
+    """A baseline run folder -> the unlearned model (full precision, adapters merged), or for a
+    training-free run the model it points to with its prefix as ``prompt``."""
     from utils.checkpoints import Loaded
     from utils.models import load_model, load_tokenizer, merge_lora, resolve_model, weights_hash
     from utils.runs import RunError
@@ -407,6 +464,8 @@ def load_baseline(run_dir: Path, manifest: dict, device):
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     saved = manifest["saved"]
+    if saved["weights"] is None:
+        return _load_training_free(run_dir, manifest, tokenizer, device)
     if saved["weights"] == "model":
         if weights_hash(run_dir / "model") != saved["unlearned_weights_sha256"]:
             raise RunError(f"--model_checkpoints {run_dir}: model weights do not match the manifest hash")

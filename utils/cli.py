@@ -7,7 +7,7 @@ import sys
 from functools import wraps
 from pathlib import Path
 
-from utils.data import DATASETS, DEFAULT_DATASET, SPLITS, DataError
+from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataError
 from utils.runs import RunError
 
 
@@ -34,11 +34,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_dir", default=None, help="folder holding the four splits (train_retain, train_forget, test_retain, test_forget) as csv/jsonl/json/parquet; overrides --dataset's location")
     g.add_argument("--data_root", default=None, help="root searched for <root>/<dataset's folder> before the hub (env SPUL_DATA_ROOT)")
     g.add_argument("--forget_size", type=float, default=1.0, help="share tau in (0, 1] of train_forget kept (seeded); the other splits stay whole")
-    g.add_argument("--max_per_split", type=int, default=None, help="cap every split at this many examples (seeded, class-stratified)")
-    for s in SPLITS:
-        g.add_argument(f"--max_{s}", type=int, default=None, help=f"cap {s} (overrides --max_per_split)")
+    g.add_argument("--val_fraction", type=float, default=0.05, help="share of train_retain and of train_forget moved into val_retain and val_forget (seeded by --data_seed, class-stratified) before --forget_size and the caps; no stage trains on them; --max_val_retain/--max_val_forget give the sizes instead; 0 with no such cap: no validation splits")
+    g.add_argument("--max_per_split", type=int, default=None, help="cap every split at this many examples (seeded by --data_seed, class-stratified)")
+    for s in EVAL_SPLITS:
+        what = "the number of rows carved out of train_" + s.split("_")[1] if s in VAL_SPLITS else f"cap {s}"
+        g.add_argument(f"--max_{s}", type=int, default=None, help=f"{what} (overrides --max_per_split)")
+    g.add_argument("--eval_splits", nargs="+", default=list(EVAL_SPLITS), choices=EVAL_SPLITS, metavar="SPLIT",
+                   help=f"splits to evaluate, of {', '.join(EVAL_SPLITS)}; test splits left out are dropped as soon as they are loaded (model selection never reads them)")
     g.add_argument("--max_length", type=int, default=1024, help="max tokens per example; the review text is truncated, never the template or the label")
-    g.add_argument("--seed", type=int, default=42, help="seed for data subsampling, generic labels, shuffling and initialisation")
+    r = p.add_argument_group("reproducibility")
+    r.add_argument("--seed", type=int, default=42, help="seed for training: initialisation, shuffling, generic labels, dropout")
+    r.add_argument("--data_seed", type=int, default=0, help="seed for the data: validation carve, --forget_size and the caps (fixed across a --seed sweep, so seeds vary training only)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads); float reduction order depends on it, so it is recorded and part of 'the same command'; default: $OMP_NUM_THREADS, else torch's default")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -82,10 +89,15 @@ def check_common(args) -> None:
     check_launcher()
     if not 0 < args.forget_size <= 1:
         raise UsageError(f"--forget_size {args.forget_size}: must be in (0, 1]")
-    for name in ["max_per_split"] + [f"max_{s}" for s in SPLITS]:
+    for name in ["max_per_split"] + [f"max_{s}" for s in EVAL_SPLITS]:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise UsageError(f"--{name} {v}: must be at least 1")
+    if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
+        raise UsageError(f"--val_fraction {args.val_fraction}: must be in [0, 1)")
+    if hasattr(args, "eval_splits"):
+        args.eval_splits = [s for s in EVAL_SPLITS if s in args.eval_splits]  # canonical order
+    set_threads(args)
     if getattr(args, "save_every", 0) < 0:
         raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
     if getattr(args, "group_by_length", 0) < 0:
@@ -96,6 +108,22 @@ def check_common(args) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
     if getattr(args, "dataset", None) not in DATASETS and not getattr(args, "data_dir", None):
         raise UsageError(f"--dataset {args.dataset}: unknown dataset (choose from {', '.join(DATASETS)}, or pass --data_dir)")
+
+
+def set_threads(args) -> None:
+    """Resolve ``--threads`` (default: $OMP_NUM_THREADS, else torch's own default), apply it,
+    and write the resolved value back into ``args`` so that config.json records it."""
+    import os
+
+    import torch
+
+    if getattr(args, "threads", None) is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        args.threads = int(env) if env.isdigit() and int(env) > 0 else torch.get_num_threads()
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    if torch.get_num_threads() != args.threads:
+        torch.set_num_threads(args.threads)
 
 
 UNSUPPORTED_LAUNCH = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),

@@ -16,7 +16,10 @@ import pandas as pd
 
 from utils.template import GENERIC_LABELS, LABEL_WORDS
 
-SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")  # the paper's four
+VAL_SPLITS = ("val_retain", "val_forget")  # carved out of the training pool, never trained on
+EVAL_SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
+TEST_SPLITS = ("test_retain", "test_forget")
 COLUMNS = ("text", "label")
 EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet", ".tsv")
 
@@ -161,21 +164,49 @@ def subsample_forget(df: pd.DataFrame, forget_size: float, seed: int) -> pd.Data
     return df.iloc[keep].reset_index(drop=True)
 
 
+def stratified_indices(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` sorted row indices drawn without replacement, keeping the label proportions
+    (largest remainder)."""
+    values, counts = np.unique(labels, return_counts=True)
+    exact = counts / len(labels) * k
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: k - take.sum()]:
+        take[i] += 1
+    keep = []
+    for lab, n in zip(values, take):
+        keep.extend(rng.choice(np.flatnonzero(labels == lab), n, replace=False))
+    return np.sort(np.array(keep, dtype=int))
+
+
 def stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
     """At most ``cap`` rows, seeded, keeping the label proportions (largest remainder)."""
     if cap is None or cap <= 0 or len(df) <= cap:
         return df
-    rng = np.random.default_rng(seed)
-    counts = df["label"].value_counts().sort_index()
-    exact = counts / len(df) * cap
-    take = np.floor(exact).astype(int)
-    for lab in (exact - take).sort_values(ascending=False).index[: cap - take.sum()]:
-        take[lab] += 1
-    keep = []
-    for lab, k in take.items():
-        idx = np.flatnonzero(df["label"].to_numpy() == lab)
-        keep.extend(rng.choice(idx, k, replace=False))
-    return df.iloc[np.sort(keep)].reset_index(drop=True)
+    keep = stratified_indices(df["label"].to_numpy(), cap, np.random.default_rng(seed))
+    return df.iloc[keep].reset_index(drop=True)
+
+
+def carve_validation(splits: dict[str, pd.DataFrame], fraction: float, sizes: dict[str, int | None], seed: int) -> dict[str, pd.DataFrame]:
+    """Move a seeded, class-stratified share of train_retain (train_forget) into val_retain
+    (val_forget): ``sizes[val_split]`` rows if given, else ``ceil(fraction * rows)``. The rows
+    leave the training pool, so no stage ever trains on them. ``fraction`` 0 and no sizes: no
+    validation splits."""
+    out = dict(splits)
+    for k, side in enumerate(("retain", "forget")):
+        train, val = f"train_{side}", f"val_{side}"
+        n = len(splits[train])
+        want = sizes.get(val) or int(np.ceil(fraction * n))
+        if want == 0:
+            continue
+        if want >= n:
+            raise DataError(f"--max_{val} / --val_fraction: {want} validation rows would leave {train} ({n} rows) empty")
+        rng = np.random.default_rng([seed, 104729, k])  # own stream per side
+        picked = stratified_indices(splits[train]["label"].to_numpy(), want, rng)
+        mask = np.zeros(n, dtype=bool)
+        mask[picked] = True
+        out[val] = splits[train][mask].reset_index(drop=True)
+        out[train] = splits[train][~mask].reset_index(drop=True)
+    return out
 
 
 def apply_caps(splits: dict[str, pd.DataFrame], caps: dict[str, int | None], seed: int) -> dict[str, pd.DataFrame]:
@@ -189,15 +220,23 @@ def generic_labels(n: int, seed: int) -> list[str]:
 
 
 def prepare_splits(args) -> dict[str, pd.DataFrame]:
-    """Load, then --forget_size, then caps; what every entry point does with its data flags."""
+    """What every entry point does with its data flags, all seeded by ``--data_seed`` (so that
+    every ``--seed`` of a sweep sees the same rows): load; drop the test splits that
+    ``--eval_splits`` leaves out (model selection never reads them); carve val_retain and
+    val_forget out of the training pool; then ``--forget_size``; then the caps."""
     splits = load_splits(args.dataset, args.data_dir, args.data_root)
-    splits["train_forget"] = subsample_forget(splits["train_forget"], args.forget_size, args.seed)
-    caps = {s: getattr(args, f"max_{s}", None) or args.max_per_split for s in SPLITS}
-    splits = apply_caps(splits, caps, args.seed)
+    wanted = getattr(args, "eval_splits", None) or EVAL_SPLITS
+    for s in TEST_SPLITS:
+        if s not in wanted:
+            del splits[s]
+    caps = {s: getattr(args, f"max_{s}", None) or args.max_per_split for s in EVAL_SPLITS}
+    splits = carve_validation(splits, getattr(args, "val_fraction", 0.0), {v: caps[v] for v in VAL_SPLITS}, args.data_seed)
+    splits["train_forget"] = subsample_forget(splits["train_forget"], args.forget_size, args.data_seed)
+    splits = apply_caps(splits, caps, args.data_seed)
     for s, df in splits.items():
         if len(df) == 0:
             raise DataError(f"{s}: the split is empty after caps")
-    return splits
+    return {s: splits[s] for s in EVAL_SPLITS if s in splits}
 
 
 def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] | None = None) -> list[dict]:

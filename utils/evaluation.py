@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import distributed
-from utils.data import SPLITS, encode_frame
+from utils.data import EVAL_SPLITS, encode_frame
 from utils.forward import PromptCache, label_logits, to_device
 from utils.metrics import classification_metrics, map_predictions
 from utils.template import GENERIC_LABELS, LABEL_WORDS, collate
@@ -53,8 +53,10 @@ def predict(model, features, batch_size, device, pad_id, prompt=None, task_ids=N
     return pred, restricted
 
 
-def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, split_names=SPLITS) -> dict:
-    """Metrics for each split (see utils.metrics) with the model in eval mode."""
+def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, split_names=None) -> dict:
+    """Metrics for each split (see utils.metrics) with the model in eval mode; by default every
+    split ``splits`` holds (the four paper splits and the validation splits)."""
+    split_names = split_names or [s for s in EVAL_SPLITS if s in splits]
     was_training = model.training
     model.eval()
     task_ids = label_token_ids(encoder, LABEL_WORDS)
@@ -73,10 +75,11 @@ def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, spl
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per model, ACC / F1 for each split."""
-    head = "| model | " + " | ".join(s.replace("_", " ") for s in SPLITS) + " |"
-    lines = [head, "|---" * (len(SPLITS) + 1) + "|"]
+    """Markdown table: one row per model, ACC / F1 for each split any row has."""
+    names = [s for s in EVAL_SPLITS if any(s in res for res in rows.values())]
+    head = "| model | " + " | ".join(s.replace("_", " ") for s in names) + " |"
+    lines = [head, "|---" * (len(names) + 1) + "|"]
     for name, res in rows.items():
-        cells = [f"{res[s]['accuracy']:.2f} / {res[s]['f1']:.2f}" if s in res else "-" for s in SPLITS]
+        cells = [f"{res[s]['accuracy']:.2f} / {res[s]['f1']:.2f}" if s in res else "-" for s in names]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

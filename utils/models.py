@@ -277,9 +277,22 @@ def load_4bit(path: str, device: torch.device, dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=quantization, dtype=dtype, device_map={"": device}
     )
+    if device.type == "cpu":
+        portable_cpu_4bit(model)
+    return model
+
+
+def portable_cpu_4bit(model) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on their portable path. On CPUs with AVX512-BF16 it
+    repacks the weights at the first no-grad forward, with bf16 block scales (so evaluation
+    numbers would depend on the CPU's instruction set), and the repacking fails outright for
+    layers narrower than one quantisation block (64)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def try_load_4bit(path: str, device: torch.device, dtype: torch.dtype):

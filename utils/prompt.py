@@ -33,16 +33,39 @@ def prompt_config(num_tokens: int, hidden_size: int):
     )
 
 
-def add_prompt(model, num_tokens: int, hidden_size: int, seed: int):
+PROMPT_NORMS = ("free", "token")  # --prompt_norm choices
+
+
+def token_embedding_norm(model) -> float:
+    """Mean L2 norm of the rows of the model's input embedding table."""
+    weight = model.get_input_embeddings().weight
+    return float(weight.detach().float().norm(dim=-1).mean())
+
+
+def add_prompt(model, num_tokens: int, hidden_size: int, seed: int, row_norm: float | None = None):
     """Wrap ``model`` in a PEFT P-tuning model. The model's own weights are frozen; only the
-    prompt encoder trains. Its initialisation is seeded without touching the global RNG."""
+    prompt encoder trains. Its initialisation is seeded without touching the global RNG.
+
+    With ``row_norm`` every row of the encoder's output is rescaled to that L2 norm (a forward
+    hook on the encoder, so its weights and PEFT's saved ``prompt_embeddings`` are as usual):
+    the prompt tokens keep the scale of real token embeddings instead of drifting far above it,
+    which makes training at CPU-scale learning rates chaotic (see the README)."""
     from peft import get_peft_model
 
     for param in model.parameters():
         param.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, prompt_config(num_tokens, hidden_size))
+        peft_model = get_peft_model(model, prompt_config(num_tokens, hidden_size))
+    if row_norm is not None:
+        if not row_norm > 0:
+            raise ValueError(f"row_norm {row_norm}: must be positive")
+
+        def rescale(module, inputs, out, norm=float(row_norm)):
+            return norm * torch.nn.functional.normalize(out, dim=-1)
+
+        prompt_encoder(peft_model).register_forward_hook(rescale)
+    return peft_model
 
 
 def prompt_encoder(peft_model) -> torch.nn.Module:

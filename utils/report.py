@@ -1,6 +1,6 @@
 """Collect run folders into the paper's table layout: one row per method, ACC and F1 on
-train retain, train forget, test retain and test forget, plus efficiency columns from each
-run's train_stats.json. Folders that differ only in a ``-s<seed>`` suffix form one row with
+train retain, train forget, test retain and test forget (and on val retain / val forget when
+every run has them), plus efficiency columns from each run's train_stats.json. Folders that differ only in a ``-s<seed>`` suffix form one row with
 mean ± std. Writes markdown, CSV and a trade-off plot (forget vs retain accuracy).
 
     python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import SPLITS
+from utils.data import EVAL_SPLITS
 from utils.runs import METRICS, read_json
 
 DISPLAY = {
@@ -26,6 +26,8 @@ DISPLAY = {
     "gradient_ascent_kl": "GA+KL",
     "gradient_ascent_descent": "GA+GD",
     "npo": "NPO",
+    "instruction_prompt": "Instruction prompt",
+    "in_context": "In-context unlearning",
     "spul": "SPUL",
 }
 EFFICIENCY = (  # (train_stats key, column title, format)
@@ -55,10 +57,16 @@ def collect(run_dirs, names=None) -> dict[str, list[dict]]:
     return rows
 
 
-def summarise(runs: list[dict]) -> dict:
+def shown_splits(rows: dict[str, list[dict]]) -> list[str]:
+    """The splits every run has metrics for, in ``EVAL_SPLITS`` order (paper splits and val)."""
+    runs = [r for rs in rows.values() for r in rs]
+    return [s for s in EVAL_SPLITS if all(s in r["metrics"] for r in runs)]
+
+
+def summarise(runs: list[dict], splits=None) -> dict:
     """Mean and std (population, 0 for one seed) of ACC/F1 per split and of the efficiency."""
-    out = {"seeds": len(runs)}
-    for s in SPLITS:
+    out = {"seeds": len(runs), "splits": list(splits or shown_splits({"": runs}))}
+    for s in out["splits"]:
         for m in ("accuracy", "f1"):
             v = np.array([r["metrics"][s][m] for r in runs], dtype=float)
             out[f"{s}_{m}"] = (v.mean(), v.std())
@@ -73,11 +81,16 @@ def _cell(mean_std, seeds: int) -> str:
     return f"{mean:.2f}±{std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
 
+def _splits(summary: dict[str, dict]) -> list[str]:
+    return next(iter(summary.values()))["splits"] if summary else []
+
+
 def markdown(summary: dict[str, dict]) -> str:
-    head = ["method"] + [f"{s.replace('_', ' ')} ACC / F1" for s in SPLITS] + [t for _, t, _ in EFFICIENCY]
+    splits = _splits(summary)
+    head = ["method"] + [f"{s.replace('_', ' ')} ACC / F1" for s in splits] + [t for _, t, _ in EFFICIENCY]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in summary.items():
-        cells = [f"{_cell(r[f'{s}_accuracy'], r['seeds'])} / {_cell(r[f'{s}_f1'], r['seeds'])}" for s in SPLITS]
+        cells = [f"{_cell(r[f'{s}_accuracy'], r['seeds'])} / {_cell(r[f'{s}_f1'], r['seeds'])}" for s in splits]
         cells += [fmt.format(r[k]) if r[k] is not None else "-" for k, _, fmt in EFFICIENCY]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -86,7 +99,7 @@ def markdown(summary: dict[str, dict]) -> str:
 def write_csv(summary: dict[str, dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        metric_cols = [f"{s}_{m}" for s in SPLITS for m in ("accuracy", "f1")]
+        metric_cols = [f"{s}_{m}" for s in _splits(summary) for m in ("accuracy", "f1")]
         w.writerow(["method", "seeds"] + metric_cols + [c + "_std" for c in metric_cols] + [k for k, _, _ in EFFICIENCY])
         for name, r in summary.items():
             w.writerow(
@@ -152,7 +165,8 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = {name: summarise(runs) for name, runs in rows.items()}
+    splits = shown_splits(rows)
+    summary = {name: summarise(runs, splits) for name, runs in rows.items()}
     table = markdown(summary)
     print(table)
     if args.markdown:

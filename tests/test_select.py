@@ -1,0 +1,84 @@
+"""Model selection on validation splits (utils/select.py): the stated criterion on a tiny grid."""
+import json
+
+import pytest
+
+from utils import select
+
+
+def run(folder, kind, val_retain, val_forget, train_forget, method=None, test=None, **flags):
+    folder.mkdir(parents=True)
+    metrics = {"val_retain": {"accuracy": val_retain}, "val_forget": {"accuracy": val_forget},
+               "train_forget": {"accuracy": train_forget}}
+    if test is not None:
+        metrics["test_forget"] = {"accuracy": test}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "config.json").write_text(json.dumps({"seed": 1, **flags}))
+    (folder / "manifest.json").write_text(json.dumps({"kind": kind, "method": method}))
+    return folder
+
+
+def test_picks_lowest_forget_within_the_utility_bound(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    grid = [
+        run(tmp_path / "a", "spul", 79.0, 60.0, 50.0, lr=1e-3, alpha=1, beta=0.5),   # forget 55
+        run(tmp_path / "b", "spul", 76.0, 30.0, 20.0, lr=3e-3, alpha=1, beta=0.5),   # forget 25: best within bound
+        run(tmp_path / "c", "spul", 74.9, 5.0, 5.0, lr=1e-2, alpha=1, beta=0.5),     # forgets most, 5.1 points below
+    ]
+    out = select.select_all(ref, grid)
+    chosen = out["selected"]["spul"]
+    assert chosen["run"] == str(grid[1]) and chosen["constraint_met"]
+    assert chosen["flags"] == {"lr": 3e-3, "alpha": 1, "beta": 0.5}
+    assert chosen["forget_score"] == pytest.approx(25.0) and out["reference_val_retain"] == 80.0
+
+
+def test_ties_go_to_higher_val_retain_then_grid_order(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    a = run(tmp_path / "a", "baseline", 77.0, 40.0, 40.0, method="npo", lr=1e-5)
+    b = run(tmp_path / "b", "baseline", 79.0, 30.0, 50.0, method="npo", lr=3e-5)  # same score 40, more retain
+    c = run(tmp_path / "c", "baseline", 79.0, 50.0, 30.0, method="npo", lr=1e-4)  # same again, later in grid
+    assert select.select_all(ref, [a, b, c])["selected"]["npo"]["run"] == str(b)
+
+
+def test_no_run_within_the_bound_takes_least_damage_and_says_so(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    grid = [run(tmp_path / f"g{i}", "baseline", vr, 0.0, 0.0, method="gradient_ascent", lr=lr)
+            for i, (vr, lr) in enumerate([(50.0, 1e-4), (62.0, 1e-5), (55.0, 1e-6)])]
+    chosen = select.select_all(ref, grid)["selected"]["gradient_ascent"]
+    assert chosen["run"] == str(grid[1]) and not chosen["constraint_met"]
+
+
+def test_methods_are_grouped_and_env_lines_carry_the_flags(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    grid = [run(tmp_path / "s", "spul", 78.0, 10.0, 10.0, lr=3e-3, num_epochs=6, alpha=1, beta=2, prompt_norm="token"),
+            run(tmp_path / "g", "baseline", 78.0, 70.0, 60.0, method="gradient_ascent_descent", lr=1e-5, num_epochs=1)]
+    out = select.select_all(ref, grid)
+    assert set(out["selected"]) == {"spul", "gradient_ascent_descent"}
+    lines = select.env_lines(out)
+    assert "SEL_SPUL='--lr 0.003 --num_epochs 6 --alpha 1 --beta 2 --prompt_norm token'" in lines
+    assert "SEL_GRADIENT_ASCENT_DESCENT='--lr 1e-05 --num_epochs 1'" in lines
+
+
+def test_test_metrics_never_change_the_choice(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    a = run(tmp_path / "a", "spul", 78.0, 30.0, 30.0, test=90.0, lr=1e-3)
+    b = run(tmp_path / "b", "spul", 78.0, 40.0, 40.0, test=0.0, lr=3e-3)
+    chosen = select.select_all(ref, [a, b])["selected"]["spul"]
+    assert chosen["run"] == str(a)
+    assert "test_forget" not in json.dumps(select.select_all(ref, [a, b])["grid"])
+
+
+def test_cli_writes_json_and_env_and_refuses_runs_without_val(tmp_path, capsys):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    a = run(tmp_path / "a", "spul", 78.0, 30.0, 30.0, lr=1e-3)
+    rc = select.main(["--reference", str(ref), "--runs", str(a), "--json", str(tmp_path / "s.json"), "--env", str(tmp_path / "s.env")])
+    assert rc == 0
+    assert json.loads((tmp_path / "s.json").read_text())["selected"]["spul"]["flags"] == {"lr": 1e-3}
+    assert "SEL_SPUL='--lr 0.001'" in (tmp_path / "s.env").read_text()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps({"train_forget": {"accuracy": 1.0}}))
+    (bad / "config.json").write_text("{}")
+    (bad / "manifest.json").write_text(json.dumps({"kind": "spul"}))
+    assert select.main(["--reference", str(ref), "--runs", str(bad)]) == 2
+    assert "no metrics for val_retain" in capsys.readouterr().err

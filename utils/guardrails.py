@@ -1,0 +1,164 @@
+"""Training-free unlearning baselines: a fixed hard-text prefix placed before every input.
+
+- ``instruction_prompt`` (Thaker et al. 2024, "Guardrail baselines for unlearning in LLMs"):
+  an instruction that names the forgotten people and the generic label to answer with
+  (``INSTRUCTION``, ``INSTRUCTION_LABEL``).
+- ``in_context`` (in-context unlearning, Pawelczyk et al., ICML 2024): a few train_forget
+  examples with generic labels and a few train_retain examples with their true labels, each in
+  the task template (``utils.template.render``), in a seeded order.
+
+Building the prefix text is pure (no model). A prefix becomes prompt embeddings by looking its
+token ids up in the model's input embedding table (``prefix_embeddings``); passed as
+``prompt=`` to ``utils.evaluation.evaluate_splits`` (a ``utils.forward.PromptCache``, whose text
+positions continue after the prefix) that is exactly prepending those tokens to every input.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from utils.template import GENERIC_LABELS, LABEL_WORDS, render
+
+# The instruction_prompt prefix; {names} is the comma-separated list of forgotten names, {label}
+# the generic label it asks for. It ends with a blank line, before the template's "### Text:".
+INSTRUCTION = (
+    "You must forget everything you know about the following people: {names}. "
+    "If a text mentions any of them, do not tell its sentiment: answer \"{label}\" instead. "
+    "Answer every other text with its sentiment, positive or negative, as usual.\n\n"
+)
+INSTRUCTION_LABEL = "unknown"
+assert INSTRUCTION_LABEL in GENERIC_LABELS and INSTRUCTION_LABEL not in LABEL_WORDS
+
+ICL_DEFAULT = 4  # default of --icl_forget and --icl_retain
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """A method's prefix text and what the manifest records about how it was made."""
+
+    text: str
+    record: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix texts (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def clean_names(names) -> list[str]:
+    """Stripped, non-empty, first occurrence kept."""
+    return list(dict.fromkeys(n.strip() for n in names or [] if n and n.strip()))
+
+
+def instruction_text(names: list[str], label: str = INSTRUCTION_LABEL) -> str:
+    names = clean_names(names)
+    if not names:
+        raise ValueError("instruction_text: no names")
+    return INSTRUCTION.format(names=", ".join(names), label=label)
+
+
+def _balanced(labels: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+    """``k`` row indices, the classes taken in turn (a seeded class order, seeded rows within a
+    class), so the class counts differ by at most one unless a class runs out."""
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+    order = list(rng.permutation(sorted(pools)))
+    picked: list[int] = []
+    while len(picked) < k and any(pools.values()):
+        for c in order:
+            if pools[c] and len(picked) < k:
+                picked.append(int(pools[c].pop(0)))
+    return picked
+
+
+def draw_icl_examples(forget: pd.DataFrame, retain: pd.DataFrame, k_forget: int, k_retain: int, seed: int) -> list[dict]:
+    """The in-context examples: ``k_forget`` seeded rows of ``forget`` (train_forget), each with
+    the generic label ``utils.data.generic_labels`` gives that row (the one random_label and SPUL
+    train it toward), and ``k_retain`` class-balanced seeded rows of ``retain`` (train_retain)
+    with their true labels, in a seeded order. Each: text, label (the word in the context),
+    true_label, side, row (its index in the split)."""
+    from utils.data import generic_labels
+
+    if k_forget > len(forget) or k_retain > len(retain):
+        raise ValueError(f"asked for {k_forget} forget and {k_retain} retain examples, the splits hold {len(forget)} and {len(retain)}")
+    rng = np.random.default_rng([seed, 611953])  # own stream, independent of other draws
+    generic = generic_labels(len(forget), seed)
+    out = [{"text": forget["text"].iloc[i], "label": generic[i], "true_label": LABEL_WORDS[forget["label"].iloc[i]],
+            "side": "forget", "row": int(i)} for i in sorted(rng.choice(len(forget), k_forget, replace=False).tolist())]
+    out += [{"text": retain["text"].iloc[i], "label": LABEL_WORDS[retain["label"].iloc[i]],
+             "true_label": LABEL_WORDS[retain["label"].iloc[i]], "side": "retain", "row": i}
+            for i in sorted(_balanced(retain["label"].to_numpy(), k_retain, rng))]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def icl_text(examples: list[dict]) -> str:
+    """Each example in the task template, followed by a blank line."""
+    return "".join(render(e["text"], e["label"]) + "\n\n" for e in examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the command line (baselines.py): the prefix of each training-free method
+# ---------------------------------------------------------------------------------------------
+
+
+def instruction_guardrail(args, splits) -> Guardrail:
+    """``--forget_names``, else the names recorded by an entities-recipe split folder."""
+    from utils.augment import AugmentError, forgotten_names
+    from utils.cli import UsageError
+
+    try:
+        names = clean_names(forgotten_names(args))
+    except AugmentError:
+        names = []
+    if not names:
+        raise UsageError(
+            "--unlearn_method instruction_prompt: no forgotten names (the split folder does not record them: "
+            "not built by the entities recipe); pass them with --forget_names NAME ..."
+        )
+    return Guardrail(instruction_text(names), {"instruction": INSTRUCTION, "generic_label": INSTRUCTION_LABEL,
+                                                "forget_names": names})
+
+
+def in_context_guardrail(args, splits) -> Guardrail:
+    """``--icl_forget`` examples of train_forget and ``--icl_retain`` of train_retain (never
+    validation or test rows), seeded by ``--seed``."""
+    from utils.cli import UsageError
+
+    for flag, split in (("icl_forget", "train_forget"), ("icl_retain", "train_retain")):
+        if getattr(args, flag) > len(splits[split]):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: {split} holds only {len(splits[split])} rows")
+    examples = draw_icl_examples(splits["train_forget"], splits["train_retain"], args.icl_forget, args.icl_retain, args.seed)
+    return Guardrail(icl_text(examples), {"icl_forget": args.icl_forget, "icl_retain": args.icl_retain, "examples": examples})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix -> prompt embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def prefix_ids(tokenizer, text: str) -> list[int]:
+    """The prefix's token ids: whatever special tokens the tokenizer puts in front of every text
+    (Llama's <s>, OPT's </s>; as ``utils.template.Encoder`` finds them), then the text without
+    special tokens. The example after it keeps its own leading special tokens, since every
+    method encodes its inputs the same way: with a BOS tokenizer the model reads
+    ``<s> prefix <s> ### Text: ...``, the second BOS separating the prefix from the example
+    like a document boundary in packed pretraining data."""
+    front = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    return front + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def ids_sha256(ids: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+@torch.no_grad()
+def prefix_embeddings(model, tokenizer, text: str) -> torch.Tensor:
+    """(p, d): the rows of the model's input embedding table for ``prefix_ids``."""
+    from utils.forward import unwrap
+
+    table = unwrap(model).get_input_embeddings()
+    ids = torch.tensor(prefix_ids(tokenizer, text), dtype=torch.long, device=table.weight.device)
+    return table(ids).detach().clone()

@@ -1,0 +1,129 @@
+"""Model selection on the validation splits: pick one setting per method from a grid of run
+folders by one stated criterion, and write the chosen flags where the table recipes read them.
+
+The criterion reads only ``val_retain``, ``val_forget`` and ``train_forget`` (the unlearning
+request itself); the test splits are never read (``scripts/select.sh`` runs the grid with
+``--eval_splits`` leaving them out, and this module refuses a metric it does not need):
+
+1. utility constraint: val_retain ACC >= the reference's (the QLoRA run's) val_retain ACC
+   minus ``max_drop`` points (5 by default, the project's target);
+2. among the runs that meet it, the lowest forget score, the mean of train_forget ACC and
+   val_forget ACC (forgetting the requested examples and unseen examples of the same people);
+3. ties: the higher val_retain ACC, then the first run in the grid's order.
+
+A method none of whose runs meets the constraint gets the run with the highest val_retain ACC
+(the setting that damages the model least) and is marked ``"constraint_met": false``.
+
+    python -m utils.select --reference RUN_QLORA --runs RUN [RUN ...] --json selected.json --env selected.env
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from utils.runs import CONFIG, MANIFEST, METRICS, read_json
+
+READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
+# flags a grid varies, per run kind; their selected values are what the recipes pass on
+TUNED = {
+    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm"),
+    "baseline": ("lr", "num_epochs", "retain_weight"),
+}
+
+
+class SelectionError(ValueError):
+    """A run folder the selection cannot use; one line naming it."""
+
+
+def read_run(folder: Path) -> dict:
+    """What selection needs of one run folder: method name, tuned flags, the three metrics."""
+    folder = Path(folder)
+    for f in (METRICS, CONFIG, MANIFEST):
+        if not (folder / f).is_file():
+            raise SelectionError(f"{folder}: no {f} (not a finished run)")
+    metrics, config, manifest = read_json(folder / METRICS), read_json(folder / CONFIG), read_json(folder / MANIFEST)
+    missing = [s for s in READ if s not in metrics]
+    if missing:
+        raise SelectionError(f"{folder}: no metrics for {', '.join(missing)} (run it with validation splits)")
+    kind = manifest.get("kind")
+    method = manifest.get("method") if kind == "baseline" else kind
+    flags = {k: config.get(k) for k in TUNED.get(kind, ()) if config.get(k) is not None}
+    return {"run": str(folder), "method": method, "flags": flags,
+            **{s: float(metrics[s]["accuracy"]) for s in READ}}
+
+
+def forget_score(run: dict) -> float:
+    return (run["train_forget"] + run["val_forget"]) / 2
+
+
+def choose(runs: list[dict], reference_val_retain: float, max_drop: float = 5.0) -> dict:
+    """The criterion of the module docstring, on runs of one method (in grid order)."""
+    floor = reference_val_retain - max_drop
+    ok = [r for r in runs if r["val_retain"] >= floor]
+    if ok:
+        best = min(ok, key=lambda r: (forget_score(r), -r["val_retain"]))  # min keeps the first of ties
+        met = True
+    else:
+        best = max(runs, key=lambda r: r["val_retain"])
+        met = False
+    return {**best, "forget_score": forget_score(best), "constraint_met": met, "val_retain_floor": floor,
+            "candidates": len(runs)}
+
+
+def select_all(reference: Path, run_dirs, max_drop: float = 5.0) -> dict:
+    ref = read_json(Path(reference) / METRICS)
+    if "val_retain" not in ref:
+        raise SelectionError(f"--reference {reference}: no val_retain metrics")
+    by_method: dict[str, list[dict]] = {}
+    for d in run_dirs:
+        r = read_run(Path(d))
+        by_method.setdefault(r["method"], []).append(r)
+    chosen = {m: choose(rs, float(ref["val_retain"]["accuracy"]), max_drop) for m, rs in by_method.items()}
+    return {"criterion": __doc__.split("\n\n")[1].strip(), "reference": str(reference),
+            "reference_val_retain": float(ref["val_retain"]["accuracy"]), "max_drop": max_drop,
+            "grid": {m: [{k: r[k] for k in ("run", "flags", *READ)} for r in rs] for m, rs in by_method.items()},
+            "selected": chosen}
+
+
+def env_lines(selection: dict) -> list[str]:
+    """``SEL_<METHOD>="--flag value ..."`` per method, for ``scripts/common.sh`` to source."""
+    lines = ["# written by python -m utils.select (scripts/select.sh); the flags chosen on validation data"]
+    for method, r in selection["selected"].items():
+        flags = " ".join(f"--{k} {v}" for k, v in r["flags"].items())
+        lines.append(f"SEL_{method.upper()}={shlex.quote(flags)}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", required=True, help="the QLoRA run folder the utility constraint is measured against")
+    p.add_argument("--runs", nargs="+", required=True, help="the grid's run folders (any methods, grouped by the method in each manifest)")
+    p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
+    p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
+    p.add_argument("--env", help="write SEL_<METHOD>=\"flags\" lines here (sourced by the table recipes)")
+    return p
+
+
+def main(argv=None) -> int:
+    from utils.runs import write_json
+
+    args = build_parser().parse_args(argv)
+    try:
+        selection = select_all(Path(args.reference), args.runs, args.max_drop)
+    except (SelectionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for method, r in selection["selected"].items():
+        mark = "" if r["constraint_met"] else "  (no run keeps val_retain within the bound: least damage)"
+        print(f"{method}: {r['flags']}  val_retain {r['val_retain']:.2f}  forget score {r['forget_score']:.2f}{mark}")
+    if args.json:
+        write_json(Path(args.json), selection)
+    if args.env:
+        Path(args.env).write_text("\n".join(env_lines(selection)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
