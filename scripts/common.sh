@@ -4,18 +4,30 @@
 #   MODEL=facebook/opt-1.3b DATASET=sst2 DATA_ROOT=../shared/data bash scripts/table2.sh
 # PROFILE=paper (default) uses the paper's hyperparameters (notes §4); PROFILE=cpu uses the
 # CPU-scale caps, epochs and learning rates of the main job. `--dry-run` (or DRY_RUN=1)
-# prints every command instead of running it.
+# prints every command instead of running it. THREADS=N passes --threads N to every stage.
+#
+# Hyperparameters chosen on validation data by scripts/select.sh are read from $SELECTED
+# (default scripts/selected/<profile>-<dataset>.env, when it exists): SEL_SPUL and
+# SEL_<BASELINE> hold each method's flags. A setting given in the environment (SPUL_LR,
+# SPUL_EPOCHS, ALPHA, BETA, BASELINE_LR) still wins over the file.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 for a in "$@"; do [ "$a" = "--dry-run" ] && DRY_RUN=1; done
 DRY_RUN=${DRY_RUN:-0}
 PROFILE=${PROFILE:-paper}
+# flags the user set in the environment; they override the selected settings
+USER_SPUL=() USER_BASELINE=()
+[ -n "${SPUL_LR:-}" ] && USER_SPUL+=(--lr "$SPUL_LR")
+[ -n "${SPUL_EPOCHS:-}" ] && USER_SPUL+=(--num_epochs "$SPUL_EPOCHS")
+[ -n "${ALPHA:-}" ] && USER_SPUL+=(--alpha "$ALPHA")
+[ -n "${BETA:-}" ] && USER_SPUL+=(--beta "$BETA")
+[ -n "${BASELINE_LR:-}" ] && USER_BASELINE+=(--lr "$BASELINE_LR")
 if [ -z "${PY:-}" ]; then PY=.venv/bin/python; [ -x "$PY" ] || PY=python3; fi
 
 if [ "$PROFILE" = cpu ]; then
   : "${MODEL:=smollm2-135m}" "${DATASET:=rt}"
-  : "${CAPS:=--max_train_retain 128 --max_train_forget 64 --max_test_retain 128 --max_test_forget 64 --max_length 128}"
+  : "${CAPS:=--max_train_retain 128 --max_train_forget 64 --max_val_retain 128 --max_val_forget 64 --max_test_retain 128 --max_test_forget 64 --max_length 128}"
   : "${QLORA_EPOCHS:=4}" "${QLORA_LR:=1e-3}" "${QLORA_QUANT:=--no_quantize}"
   : "${SPUL_EPOCHS:=6}" "${SPUL_LR:=1e-2}" "${BASELINE_LR:=5e-5}" "${BATCH:=16}"
   # SPUL: batch 8 (twice the prompt updates of batch 16 for the same compute) and the exact
@@ -33,7 +45,19 @@ fi
 : "${BASELINE_EPOCHS:=1}" "${SEEDS:=42}" "${P_TOKENS:=30}" "${ALPHA:=1}" "${BETA:=0.5}"
 : "${OUT:=runs/$(basename "$MODEL")-$DATASET}"
 
+: "${SELECTED:=scripts/selected/$PROFILE-$DATASET.env}"
+if [ -f "$SELECTED" ]; then
+  # shellcheck disable=SC1090
+  source "$SELECTED"
+else
+  SELECTED=""  # no selection for this profile and dataset: the defaults above
+fi
+
+# selected_flags METHOD: the flags scripts/select.sh chose for METHOD (empty when none)
+selected_flags() { local v="SEL_${1^^}"; printf '%s' "${!v:-}"; }
+
 DATA=(--dataset "$DATASET")
+[ -n "${THREADS:-}" ] && DATA+=(--threads "$THREADS")
 [ -n "${DATA_ROOT:-}" ] && DATA+=(--data_root "$DATA_ROOT")
 [ -n "${DATA_DIR:-}" ] && DATA+=(--data_dir "$DATA_DIR")
 # shellcheck disable=SC2206
@@ -51,8 +75,10 @@ stage() {
 }
 
 # The shared stages; each takes the seed as $1.
-vanilla_stage() {  # the pre-trained model, evaluated as it is
+vanilla_stage() {  # the pre-trained model, evaluated as it is, under both protocols
   stage "vanilla s$1" "$OUT/vanilla-s$1" $PY inference_spul.py --model_name "$MODEL" "${DATA[@]}" --seed "$1" --output_path "$OUT/vanilla-s$1"
+  stage "vanilla-generate s$1" "$OUT/vanilla-generate-s$1" $PY inference_spul.py --model_name "$MODEL" "${DATA[@]}" --seed "$1" \
+    --protocol generate --output_path "$OUT/vanilla-generate-s$1"
 }
 
 qlora_stage() {  # the fine-tuned model every unlearning run starts from
@@ -60,10 +86,20 @@ qlora_stage() {  # the fine-tuned model every unlearning run starts from
     --lr "$QLORA_LR" --num_epochs "$QLORA_EPOCHS" --train_batch_size "$BATCH" $QLORA_QUANT --output_path "$OUT/qlora-s$1"
 }
 
-spul_stage() {  # spul_stage SEED RUN_NAME [extra spul.py flags...]
+spul_stage() {  # spul_stage SEED RUN_NAME [extra spul.py flags...]: defaults < selected < environment < extra
   local seed=$1 name=$2; shift 2
+  # shellcheck disable=SC2046
   stage "$name" "$OUT/$name" $PY spul.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" --seed "$seed" \
-    --lr "$SPUL_LR" --num_epochs "$SPUL_EPOCHS" --train_batch_size "$SPUL_BATCH" $SPUL_FLAGS "$@" --output_path "$OUT/$name"
+    --lr "$SPUL_LR" --num_epochs "$SPUL_EPOCHS" --alpha "$ALPHA" --beta "$BETA" --train_batch_size "$SPUL_BATCH" $SPUL_FLAGS \
+    $(selected_flags spul) "${USER_SPUL[@]}" "$@" --output_path "$OUT/$name"
+}
+
+baseline_stage() {  # baseline_stage SEED METHOD [RUN_NAME [extra baselines.py flags...]]
+  local seed=$1 method=$2 name=${3:-$2-s$1}; shift $(( $# < 3 ? $# : 3 ))
+  # shellcheck disable=SC2046
+  stage "$method s$seed" "$OUT/$name" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \
+    --seed "$seed" --unlearn_method "$method" --lr "$BASELINE_LR" --num_epochs "$BASELINE_EPOCHS" \
+    --train_batch_size "$BATCH" $(selected_flags "$method") "${USER_BASELINE[@]}" "$@" --output_path "$OUT/$name"
 }
 
 report() {  # report NAME RUN_DIR...: markdown, CSV and plot next to the runs
@@ -72,3 +108,6 @@ report() {  # report NAME RUN_DIR...: markdown, CSV and plot next to the runs
   $PY -m utils.report "$@" --markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png"
   echo "plot: $OUT/$name.png"
 }
+
+TRAINED_BASELINES="gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo"
+TRAINING_FREE="instruction_prompt in_context"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Table 2: vanilla, QLoRA, the four paper baselines plus NPO, and SPUL on one dataset, then the
-# report. Overrides: MODEL DATASET DATA_ROOT DATA_DIR CAPS OUT SEEDS PROFILE ALPHA BETA ... (see
+# Table 2: vanilla (argmax and generation protocols), QLoRA, the four paper baselines plus NPO,
+# the two training-free baselines (instruction prompt, in-context unlearning) and SPUL on one
+# dataset, with the settings chosen by scripts/select.sh where there are some, then the report. Overrides: MODEL DATASET DATA_ROOT DATA_DIR CAPS OUT SEEDS PROFILE ALPHA BETA ... (see
 # scripts/common.sh). Example: DATASET=yelp DATA_ROOT=/data bash scripts/table2.sh
 source "$(dirname "$0")/common.sh"
 
@@ -8,12 +9,8 @@ runs=()
 for seed in $SEEDS; do
   vanilla_stage "$seed"
   qlora_stage "$seed"
-  for method in gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo; do
-    stage "$method s$seed" "$OUT/$method-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \
-      --seed "$seed" --unlearn_method "$method" --lr "$BASELINE_LR" --num_epochs "$BASELINE_EPOCHS" \
-      --train_batch_size "$BATCH" --output_path "$OUT/$method-s$seed"
-  done
-  spul_stage "$seed" "spul-s$seed" --alpha "$ALPHA" --beta "$BETA" --ptuning_num_tokens "$P_TOKENS"
-  for r in vanilla qlora gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo spul; do runs+=("$OUT/$r-s$seed"); done
+  for method in $TRAINED_BASELINES $TRAINING_FREE; do baseline_stage "$seed" "$method"; done
+  spul_stage "$seed" "spul-s$seed" --ptuning_num_tokens "$P_TOKENS"
+  for r in vanilla vanilla-generate qlora $TRAINED_BASELINES $TRAINING_FREE spul; do runs+=("$OUT/$r-s$seed"); done
 done
 report table2 "${runs[@]}"

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh", "spul_long.sh"]
 ENTRY = {"inference_spul.py": "inference_spul", "qlora.py": "qlora", "spul.py": "spul",
-         "baselines.py": "baselines", "utils.report": "utils.report"}
+         "baselines.py": "baselines", "utils.report": "utils.report", "utils.select": "utils.select"}
 
 
 def dry_run(script, **env):
@@ -44,8 +44,12 @@ def test_table2_runs_every_method_and_seed():
     cmds = dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8")
     parsed = [parse(c) for c in cmds]
     methods = {a.unlearn_method for t, a in parsed if t == "baselines.py"}
-    assert methods == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
+    assert methods == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
+                       "instruction_prompt", "in_context"}
     assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
+    protocols = [a.protocol for t, a in parsed if t == "inference_spul.py"]
+    assert sorted(protocols) == ["argmax", "argmax", "generate", "generate"]  # the Vanilla row under both
+    assert all(a.max_val_retain == 128 and a.max_val_forget == 64 for t, a in parsed if t != "utils.report")
     spul = [a for t, a in parsed if t == "spul.py"]
     assert len(spul) == 2 and all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spul)
 
@@ -56,7 +60,7 @@ def test_spul_long_reuses_the_main_job():
     s = next(a for t, a in parsed if t == "spul.py")
     assert q.output_path == "runs/main/qlora-s42" and s.model_checkpoints == q.output_path
     assert (s.num_epochs, s.lr, s.group_by_length, s.train_batch_size, s.cache_reference) == (20, 5e-3, 4, 8, True)
-    assert parsed[-1][0] == "utils.report" and len(parsed) == 4
+    assert parsed[-1][0] == "utils.report" and len(parsed) == 5  # vanilla (two protocols), qlora, spul, report
     assert s.counterfactual_retain == 0.25
     flagged = [parse(c) for c in dry_run("spul_long.sh", LONG_FLAGS="--counterfactual_retain 0.5")]
     assert next(a for t, a in flagged if t == "spul.py").counterfactual_retain == 0.5
@@ -87,8 +91,9 @@ def test_bad_profile_fails_clearly():
 
 def test_reuses_finished_stage_and_stops_at_first_failure(tmp_path):
     out = tmp_path / "out"
-    (out / "vanilla-s42").mkdir(parents=True)
-    (out / "vanilla-s42" / "metrics.json").write_text("{}")
+    for done in ("vanilla-s42", "vanilla-generate-s42"):
+        (out / done).mkdir(parents=True)
+        (out / done / "metrics.json").write_text("{}")
     # PY=false: every stage that actually runs fails
     res = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": "false", "OUT": str(out), "PROFILE": "cpu"}, cwd=REPO, timeout=60)
@@ -96,3 +101,31 @@ def test_reuses_finished_stage_and_stops_at_first_failure(tmp_path):
     assert "[vanilla s42] reusing" in res.stdout
     assert "stage 'qlora s42' failed" in res.stderr
     assert "gradient_ascent" not in res.stdout  # nothing after the failed stage ran
+
+
+def test_table2_reads_the_selected_settings_and_the_environment_wins(tmp_path):
+    sel = tmp_path / "sel.env"
+    sel.write_text("SEL_SPUL='--lr 0.003 --num_epochs 8 --alpha 1 --beta 2'\nSEL_NPO='--lr 1e-05 --num_epochs 1'\n")
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SELECTED=str(sel))]
+    s = next(a for t, a in parsed if t == "spul.py")
+    assert (s.lr, s.num_epochs, s.alpha, s.beta) == (3e-3, 8, 1.0, 2.0)
+    npo = next(a for t, a in parsed if t == "baselines.py" and a.unlearn_method == "npo")
+    ga = next(a for t, a in parsed if t == "baselines.py" and a.unlearn_method == "gradient_ascent")
+    assert npo.lr == 1e-5 and ga.lr == 5e-5  # a method without a selection keeps the profile's lr
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SELECTED=str(sel), BETA="0.1", BASELINE_LR="2e-6")]
+    s = next(a for t, a in parsed if t == "spul.py")
+    assert (s.lr, s.beta) == (3e-3, 0.1)
+    assert {a.lr for t, a in parsed if t == "baselines.py"} == {2e-6}
+
+
+def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
+    parsed = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SEEDS="5")]
+    assert parsed[0][0] == "qlora.py" and parsed[-1][0] == "utils.select"
+    grid = [a for t, a in parsed if t in ("spul.py", "baselines.py")]
+    assert grid and all(not {"test_retain", "test_forget"} & set(a.eval_splits) for a in grid)
+    assert {"val_retain", "val_forget", "train_forget"} <= set(grid[0].eval_splits)
+    lrs = {(a.unlearn_method, a.lr) for a in grid if hasattr(a, "unlearn_method")}
+    assert {lr for _, lr in lrs} >= {1e-6, 1e-5, 1e-4}
+    assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
+    select = parsed[-1][1]
+    assert select.reference.endswith("qlora-s5") and len(select.runs) == len(grid)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Model selection on validation data: sweep a stated grid per method on one seed, evaluate each
+# run on train_retain, train_forget, val_retain and val_forget only (the test splits are dropped
+# at load time and never read), pick one setting per method with utils/select.py's criterion
+# (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
+# val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
+# recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS,
+# SELECT_SEED, MAX_DROP, and everything in scripts/common.sh.
+#   PROFILE=cpu OUT=runs/main bash scripts/select.sh        # then: bash scripts/main.sh
+source "$(dirname "$0")/common.sh"
+: "${SELECT_SEED:=${SEEDS%% *}}" "${MAX_DROP:=5}"
+: "${SELECT_METHODS:=$TRAINED_BASELINES}"
+: "${BASELINE_LRS:=1e-6 1e-5 1e-4}"
+if [ "$PROFILE" = cpu ]; then
+  : "${SPUL_GRID:=--lr 1e-2 --num_epochs 6 --alpha 1 --beta 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2;--lr 1e-3 --num_epochs 8 --alpha 1 --beta 0.5}"
+else
+  : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
+fi
+: "${SEL_OUT:=$OUT/select}"
+: "${SELECTED_OUT:=scripts/selected/$PROFILE-$DATASET.env}"
+NO_TEST=(--eval_splits train_retain train_forget val_retain val_forget)
+seed=$SELECT_SEED
+
+qlora_stage "$seed"  # the reference of the utility constraint (shared with table2.sh)
+runs=()
+IFS=';' read -r -a configs <<< "$SPUL_GRID"
+for cfg in "${configs[@]}"; do
+  # shellcheck disable=SC2086
+  tag=$(printf '%s' $cfg | tr -d ' -' | tr '_' '.')
+  # shellcheck disable=SC2086
+  stage "select spul $cfg" "$SEL_OUT/spul-$tag-s$seed" $PY spul.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \
+    --seed "$seed" --train_batch_size "$SPUL_BATCH" $SPUL_FLAGS --ptuning_num_tokens "$P_TOKENS" $cfg "${NO_TEST[@]}" \
+    --output_path "$SEL_OUT/spul-$tag-s$seed"
+  runs+=("$SEL_OUT/spul-$tag-s$seed")
+done
+for method in $SELECT_METHODS; do
+  for lr in $BASELINE_LRS; do
+    stage "select $method lr $lr" "$SEL_OUT/$method-lr$lr-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
+      "${DATA[@]}" --seed "$seed" --unlearn_method "$method" --lr "$lr" --num_epochs "$BASELINE_EPOCHS" \
+      --train_batch_size "$BATCH" "${NO_TEST[@]}" --output_path "$SEL_OUT/$method-lr$lr-s$seed"
+    runs+=("$SEL_OUT/$method-lr$lr-s$seed")
+  done
+done
+cmd=($PY -m utils.select --reference "$OUT/qlora-s$seed" --runs "${runs[@]}" --max_drop "$MAX_DROP"
+     --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT")
+if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
+mkdir -p "$(dirname "$SELECTED_OUT")"
+"${cmd[@]}"
+echo "selection: $SEL_OUT/selected.json; flags for the recipes: $SELECTED_OUT"
