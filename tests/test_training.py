@@ -121,3 +121,19 @@ def test_non_finite_loss_stops():
     with pytest.raises(TrainingDiverged, match="non-finite loss"):
         train(model, model.parameters(), lambda m, b: (torch.tensor(float("nan"), requires_grad=True), {}),
               features(8), TrainConfig(lr=1e-3, num_epochs=1, batch_size=4), "cpu", 0)
+
+
+def test_stratified_batches_hold_the_same_share_of_forget_samples():
+    from utils.training import epoch_batches
+
+    strata = [True] * 64 + [False] * 128  # the CPU profile's SPUL training set
+    for epoch in range(3):
+        batches = epoch_batches(192, 8, seed=1, epoch=epoch, strata=strata)
+        assert sorted(i for b in batches for i in b) == list(range(192))  # a permutation
+        counts = [sum(strata[i] for i in b) for b in batches]
+        assert set(counts) <= {2, 3, 4} and sum(counts) == 64  # 8/3 per batch, up to one
+        # a plain shuffle spreads them far more unevenly
+    plain = [sum(strata[i] for i in b) for b in epoch_batches(192, 8, seed=1, epoch=0)]
+    assert max(plain) - min(plain) > 2
+    assert epoch_batches(192, 8, 1, 0, strata=strata) == epoch_batches(192, 8, 1, 0, strata=strata)
+    assert epoch_batches(192, 8, 1, 0, strata=strata) != epoch_batches(192, 8, 2, 0, strata=strata)

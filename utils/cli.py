@@ -69,6 +69,10 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
                    help="length-grouped batches: each epoch's shuffled order is cut into runs of N batches, each "
                         "sorted by length before it is cut into batches (less padding, so less compute); 0: plain "
                         "shuffled batches")
+    g.add_argument("--stratify_batches", action="store_true",
+                   help="every batch holds the same share of forget samples (up to one) instead of a share that varies "
+                        "from batch to batch; the loss terms are means over their own samples, so this evens out the "
+                        "weight each forget sample gets from step to step")
     g.add_argument("--save_every", type=int, default=save_every,
                    help="save a resumable checkpoint (trainable weights, optimizer, scheduler, RNG, progress) every N "
                         "optimiser steps into the hidden folder .<output name>.ckpt next to the run folder, removed "
@@ -261,7 +265,7 @@ def check_resume(args, out, splits) -> dict:
         print(f"warning: {folder} holds a checkpoint of an interrupted run (step {found['steps']}); "
               f"starting over (pass --resume to continue it)", file=sys.stderr)
     return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint,
-            "group_by_length": getattr(args, "group_by_length", 0)}
+            "group_by_length": getattr(args, "group_by_length", 0), "stratify_batches": getattr(args, "stratify_batches", False)}
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:

@@ -57,6 +57,7 @@ class TrainConfig:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir if there is one
     fingerprint: dict | None = None  # what the run was started with, stored in each checkpoint
     group_by_length: int = 0  # >0: length-grouped batches, megabatches of this many batches
+    stratify_batches: bool = False  # every batch holds the same share of forget samples (+-1)
 
 
 @dataclass
@@ -76,15 +77,35 @@ class TrainStats:
         return d
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None, group: int = 0) -> list[list[int]]:
+def stratified_order(groups, rng: np.random.Generator) -> np.ndarray:
+    """A seeded permutation in which each group's members are spread evenly: a member of a
+    group of n gets the key (rank + u) / n, with its rank in a shuffle of its group and u
+    uniform in [0, 1); sorting by the key deals the groups out in proportion, so that any run
+    of b consecutive samples holds b * n / N members of the group, up to one."""
+    groups = np.asarray(groups)
+    keys = np.empty(len(groups))
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        ranks = rng.permutation(len(members))
+        keys[members] = (ranks + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None, group: int = 0, strata=None) -> list[list[int]]:
     """A seeded shuffle per epoch; forget and retain samples mix in the same batches.
+
+    With ``strata`` (one group id per sample, e.g. is_forget) the shuffle is stratified
+    (``stratified_order``): every batch holds the same share of each group, up to one sample,
+    instead of a share that varies from batch to batch (with 1/3 forget samples and batch 8, a
+    plain shuffle gives 0 to 6 of them; each loss term is a mean over its own samples, so a
+    batch with one forget sample puts the whole weight of L_f on it).
 
     With ``lengths`` and ``group`` > 0 the batches are length-grouped: the shuffled order is cut
     into megabatches of ``group`` batches, each megabatch is sorted by length (longest first) and
     cut into batches, and the order of all batches is shuffled again. Each batch still draws
     from a random share of the data, with less padding (``collate`` pads to the longest row)."""
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)
+    perm = stratified_order(strata, rng) if strata is not None else rng.permutation(n)
     if not group or lengths is None:
         return [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
     size = group * batch_size
@@ -227,9 +248,10 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     t_all = time.perf_counter()
     epoch, skip = divmod(stats.steps, per_epoch)
     lengths = [len(f["input_ids"]) for f in features] if cfg.group_by_length else None
+    strata = [bool(f.get("is_forget", False)) for f in features] if cfg.stratify_batches else None
     while stats.steps < total:
         t0 = time.perf_counter()
-        for idx in epoch_batches(len(features), cfg.batch_size, cfg.seed, epoch, lengths, cfg.group_by_length)[skip:]:
+        for idx in epoch_batches(len(features), cfg.batch_size, cfg.seed, epoch, lengths, cfg.group_by_length, strata)[skip:]:
             if stats.steps >= total:
                 break
             if world == 1:
