@@ -165,7 +165,7 @@ def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
         if limit and prompt.size(0) + args.max_length > limit:
             print(f"warning: the prefix ({prompt.size(0)} tokens) plus --max_length {args.max_length} exceeds the "
                   f"model's {limit} positions", file=sys.stderr)
-    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
     if distributed.is_main():
         # the run is rebuilt from the QLoRA run it points to: an absolute path, found from any working directory
@@ -234,7 +234,7 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: {args.unlearn_method} diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device)
+    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

@@ -62,8 +62,8 @@ def evaluate(args, loaded, encoder, splits, device, prompt) -> dict:
     """Metrics per split under ``--protocol``; the same format under both."""
     if args.protocol == "generate":
         return evaluate_generation(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt,
-                                   max_new_tokens=args.max_new_tokens)
-    return evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+                                   split_names=args.eval_splits, max_new_tokens=args.max_new_tokens)
+    return evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
 
 @cli.entry_point

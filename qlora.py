@@ -77,7 +77,7 @@ def main(argv=None):
     features = training_set(encoder, splits, args.seed)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device)
+    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

@@ -107,7 +107,7 @@ def main(argv=None):
         sys.exit(1)
     with torch.no_grad():
         prompt = prompt_embeddings(model).detach()
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt)
+    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

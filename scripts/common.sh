@@ -55,6 +55,21 @@ fi
 
 # selected_flags METHOD: the flags scripts/select.sh chose for METHOD (empty when none)
 selected_flags() { local v="SEL_${1^^}"; printf '%s' "${!v:-}"; }
+# selected_run METHOD SEED: the run folder selection chose, if it was trained with this seed and
+# no setting of the environment overrides the selection (empty otherwise)
+selected_run() {
+  local v="SELRUN_${1^^}"
+  local overridden=${#USER_SPUL[@]}
+  [ "$1" != spul ] && overridden=${#USER_BASELINE[@]}
+  [ "${SEL_SEED:-}" = "$2" ] && [ "$overridden" = 0 ] && [ -n "${!v:-}" ] && [ -f "${!v}/metrics.json" -o "$DRY_RUN" = 1 ] && printf '%s' "${!v}"
+  return 0
+}
+
+# eval_stage NAME RUN_DIR SEED: evaluate a finished run on every split (the selected run of the
+# selection seed: chosen on validation data, then evaluated on test once)
+eval_stage() {
+  stage "$1" "$OUT/$1" $PY inference_spul.py --model_checkpoints "$2" "${DATA[@]}" --seed "$3" --output_path "$OUT/$1"
+}
 
 DATA=(--dataset "$DATASET")
 [ -n "${THREADS:-}" ] && DATA+=(--threads "$THREADS")

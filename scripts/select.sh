@@ -4,15 +4,17 @@
 # at load time and never read), pick one setting per method with utils/select.py's criterion
 # (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
 # val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
-# recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS,
-# SELECT_SEED, MAX_DROP, and everything in scripts/common.sh.
+# recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS
+# (default: spul and the five trained baselines), SELECT_SEED, MAX_DROP, and everything in
+# scripts/common.sh. Finished grid runs are reused, so two invocations with different
+# SELECT_METHODS can run side by side and a last one without it writes the whole selection.
 #   PROFILE=cpu OUT=runs/main bash scripts/select.sh        # then: bash scripts/main.sh
 source "$(dirname "$0")/common.sh"
 : "${SELECT_SEED:=${SEEDS%% *}}" "${MAX_DROP:=5}"
-: "${SELECT_METHODS:=$TRAINED_BASELINES}"
+: "${SELECT_METHODS:=spul $TRAINED_BASELINES}"
 : "${BASELINE_LRS:=1e-6 1e-5 1e-4}"
 if [ "$PROFILE" = cpu ]; then
-  : "${SPUL_GRID:=--lr 1e-2 --num_epochs 6 --alpha 1 --beta 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2;--lr 1e-3 --num_epochs 8 --alpha 1 --beta 0.5}"
+  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches}"
 else
   : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
 fi
@@ -24,6 +26,7 @@ seed=$SELECT_SEED
 qlora_stage "$seed"  # the reference of the utility constraint (shared with table2.sh)
 runs=()
 IFS=';' read -r -a configs <<< "$SPUL_GRID"
+case " $SELECT_METHODS " in *" spul "*) ;; *) configs=() ;; esac
 for cfg in "${configs[@]}"; do
   # shellcheck disable=SC2086
   tag=$(printf '%s' $cfg | tr -d ' -' | tr '_' '.')
@@ -34,6 +37,7 @@ for cfg in "${configs[@]}"; do
   runs+=("$SEL_OUT/spul-$tag-s$seed")
 done
 for method in $SELECT_METHODS; do
+  [ "$method" = spul ] && continue
   for lr in $BASELINE_LRS; do
     stage "select $method lr $lr" "$SEL_OUT/$method-lr$lr-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
       "${DATA[@]}" --seed "$seed" --unlearn_method "$method" --lr "$lr" --num_epochs "$BASELINE_EPOCHS" \

@@ -156,3 +156,16 @@ def test_validation_too_large_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="max_val_forget"):
         prepare_splits(_args(d, max_val_forget=6))
     assert "val_retain" not in prepare_splits(_args(d, val_fraction=0.0))
+
+
+def test_eval_splits_limits_what_is_evaluated(tmp_path, tiny_model_dir):
+    """--eval_splits names the splits that are evaluated (train splits stay loaded for training)."""
+    import json
+
+    import inference_spul
+
+    d = write_folder(tmp_path / "d", n=8)
+    out = tmp_path / "eval"
+    inference_spul.main(["--model_name", str(tiny_model_dir), "--data_dir", str(d), "--max_length", "64",
+                         "--eval_splits", "val_forget", "train_forget", "--output_path", str(out)])
+    assert list(json.loads((out / "metrics.json").read_text())) == ["train_forget", "val_forget"]

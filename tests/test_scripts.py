@@ -48,7 +48,7 @@ def test_table2_runs_every_method_and_seed():
                        "instruction_prompt", "in_context"}
     assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
     protocols = [a.protocol for t, a in parsed if t == "inference_spul.py"]
-    assert sorted(protocols) == ["argmax", "argmax", "generate", "generate"]  # the Vanilla row under both
+    assert sorted(protocols) == ["argmax", "generate"]  # the Vanilla row under both, once: no training seed
     assert all(a.max_val_retain == 128 and a.max_val_forget == 64 for t, a in parsed if t != "utils.report")
     spul = [a for t, a in parsed if t == "spul.py"]
     assert len(spul) == 2 and all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spul)
@@ -129,3 +129,19 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
     select = parsed[-1][1]
     assert select.reference.endswith("qlora-s5") and len(select.runs) == len(grid)
+
+
+def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):
+    sel = tmp_path / "sel.env"
+    sel.write_text("SEL_SEED=7\nSEL_SPUL='--lr 0.003'\nSELRUN_SPUL=runs/x/select/spul-a-s7\n"
+                   "SEL_NPO='--lr 1e-05'\nSELRUN_NPO=runs/x/select/npo-b-s7\n")
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8", SELECTED=str(sel))]
+    evals = {a.model_checkpoints: a for t, a in parsed if t == "inference_spul.py" and a.model_checkpoints}
+    assert set(evals) == {"runs/x/select/spul-a-s7", "runs/x/select/npo-b-s7"}  # seed 7: evaluated, not retrained
+    assert all(a.seed == 7 and a.eval_splits[-2:] == ["test_retain", "test_forget"] for a in evals.values())
+    spul = [a for t, a in parsed if t == "spul.py"]
+    assert [a.seed for a in spul] == [8] and spul[0].lr == 3e-3  # seed 8 trains with the selected flags
+    assert [a.seed for t, a in parsed if t == "baselines.py" and a.unlearn_method == "npo"] == [8]
+    # a setting from the environment overrides the selection: nothing is reused
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7", SELECTED=str(sel), BETA="1")]
+    assert [a.seed for t, a in parsed if t == "spul.py"] == [7]

@@ -57,6 +57,7 @@ def test_methods_are_grouped_and_env_lines_carry_the_flags(tmp_path):
     lines = select.env_lines(out)
     assert "SEL_SPUL='--lr 0.003 --num_epochs 6 --alpha 1 --beta 2 --prompt_norm token'" in lines
     assert "SEL_GRADIENT_ASCENT_DESCENT='--lr 1e-05 --num_epochs 1'" in lines
+    assert f"SELRUN_SPUL={grid[0]}" in lines and "SEL_SEED=1" in lines  # the chosen runs and their seed
 
 
 def test_test_metrics_never_change_the_choice(tmp_path):

@@ -56,7 +56,7 @@ def predict(model, features, batch_size, device, pad_id, prompt=None, task_ids=N
 def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, split_names=None) -> dict:
     """Metrics for each split (see utils.metrics) with the model in eval mode; by default every
     split ``splits`` holds (the four paper splits and the validation splits)."""
-    split_names = split_names or [s for s in EVAL_SPLITS if s in splits]
+    split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
     task_ids = label_token_ids(encoder, LABEL_WORDS)

@@ -194,7 +194,7 @@ def evaluate_generation(model, encoder, splits, batch_size, device, prompt=None,
                         max_new_tokens=MAX_NEW_TOKENS) -> dict:
     """Metrics for each split under the generation protocol, in the format of
     ``utils.evaluation.evaluate_splits`` (plus ``examples``: the first decoded generations)."""
-    split_names = split_names or [s for s in EVAL_SPLITS if s in splits]
+    split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
     task_ids = label_token_ids(encoder, LABEL_WORDS)

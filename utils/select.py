@@ -28,7 +28,7 @@ from utils.runs import CONFIG, MANIFEST, METRICS, read_json
 READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
 # flags a grid varies, per run kind; their selected values are what the recipes pass on
 TUNED = {
-    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm"),
+    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches"),
     "baseline": ("lr", "num_epochs", "retain_weight"),
 }
 
@@ -49,8 +49,8 @@ def read_run(folder: Path) -> dict:
         raise SelectionError(f"{folder}: no metrics for {', '.join(missing)} (run it with validation splits)")
     kind = manifest.get("kind")
     method = manifest.get("method") if kind == "baseline" else kind
-    flags = {k: config.get(k) for k in TUNED.get(kind, ()) if config.get(k) is not None}
-    return {"run": str(folder), "method": method, "flags": flags,
+    flags = {k: config.get(k) for k in TUNED.get(kind, ()) if config.get(k) not in (None, False)}
+    return {"run": str(folder), "method": method, "flags": flags, "seed": config.get("seed"),
             **{s: float(metrics[s]["accuracy"]) for s in READ}}
 
 
@@ -88,11 +88,17 @@ def select_all(reference: Path, run_dirs, max_drop: float = 5.0) -> dict:
 
 
 def env_lines(selection: dict) -> list[str]:
-    """``SEL_<METHOD>="--flag value ..."`` per method, for ``scripts/common.sh`` to source."""
+    """Per method, for ``scripts/common.sh`` to source: ``SEL_<METHOD>="--flag value ..."`` (the
+    chosen flags) and ``SELRUN_<METHOD>=<run folder>`` (the chosen run itself, trained with
+    ``--seed $SEL_SEED``: the table recipes evaluate it on test instead of training it again)."""
     lines = ["# written by python -m utils.select (scripts/select.sh); the flags chosen on validation data"]
+    seeds = {r["seed"] for r in selection["selected"].values()}
+    if len(seeds) == 1 and None not in seeds:
+        lines.append(f"SEL_SEED={seeds.pop()}")
     for method, r in selection["selected"].items():
-        flags = " ".join(f"--{k} {v}" for k, v in r["flags"].items())
+        flags = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in r["flags"].items())
         lines.append(f"SEL_{method.upper()}={shlex.quote(flags)}")
+        lines.append(f"SELRUN_{method.upper()}={shlex.quote(r['run'])}")
     return lines
 
 
