@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Model selection on validation data: sweep a stated grid per method on one seed, evaluate each
-# run on train_retain, train_forget, val_retain and val_forget only (the test splits are dropped
+# run on train_forget, val_retain and val_forget only (the test splits are dropped
 # at load time and never read), pick one setting per method with utils/select.py's criterion
 # (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
 # val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
@@ -20,7 +20,7 @@ else
 fi
 : "${SEL_OUT:=$OUT/select}"
 : "${SELECTED_OUT:=scripts/selected/$PROFILE-$DATASET.env}"
-NO_TEST=(--eval_splits train_retain train_forget val_retain val_forget)
+NO_TEST=(--eval_splits train_forget val_retain val_forget)  # what the criterion reads; never test
 seed=$SELECT_SEED
 
 qlora_stage "$seed"  # the reference of the utility constraint (shared with table2.sh)

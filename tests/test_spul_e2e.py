@@ -183,3 +183,13 @@ def test_same_command_same_threads_gives_bit_identical_metrics(runs, data_args, 
     assert torch.allclose(prompt.norm(dim=-1), torch.full((prompt.size(0),), manifest["prompt"]["row_norm"]), rtol=1e-4)
     assert set(read(tmp_path / "a" / "metrics.json")) == {"train_retain", "train_forget", "val_retain", "val_forget",
                                                            "test_retain", "test_forget"}
+
+
+def test_validation_splits_are_the_same_for_every_stage_and_never_trained_on(runs):
+    """qlora.py and spul.py (same data flags, same --data_seed) hold the same val_retain and
+    val_forget, recorded in their manifests, and those rows are in no training split."""
+    q, s = read(runs / "qlora" / "manifest.json"), read(runs / "spul" / "manifest.json")
+    for split in ("val_retain", "val_forget"):
+        assert q["splits"][split] == s["splits"][split] and q["splits"][split]["rows"] == 12
+    for split in ("train_retain", "train_forget"):
+        assert q["splits"][split]["sha256"] != q["splits"]["val_" + split.split("_")[1]]["sha256"]
