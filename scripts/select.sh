@@ -12,9 +12,9 @@
 source "$(dirname "$0")/common.sh"
 : "${SELECT_SEED:=${SEEDS%% *}}" "${MAX_DROP:=5}"
 : "${SELECT_METHODS:=spul $TRAINED_BASELINES}"
-: "${BASELINE_LRS:=1e-6 1e-5 1e-4}"
+: "${BASELINE_LRS:=1e-6 1e-5 3e-5 1e-4}"
 if [ "$PROFILE" = cpu ]; then
-  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches}"
+  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches --counterfactual_retain 0.5}"
 else
   : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
 fi
