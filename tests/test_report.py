@@ -24,7 +24,7 @@ def test_report_markdown_csv_and_plot(tmp_path):
     md, csv_path, png = tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.png"
     assert main(runs + ["--markdown", str(md), "--csv", str(csv_path), "--plot", str(png)]) == 0
     lines = md.read_text().splitlines()
-    assert lines[2] == "| Vanilla | 50.00 / 25.00 | 51.00 / 26.00 | 52.00 / 27.00 | 53.00 / 28.00 | - | - | - | - |"
+    assert lines[2] == "| Vanilla (argmax) | 50.00 / 25.00 | 51.00 / 26.00 | 52.00 / 27.00 | 53.00 / 28.00 | - | - | - | - |"
     # two seeds: mean 92, population std 2; F1 mean 46, std 1
     assert lines[3] == ("| QLoRA | 92.00±2.00 / 46.00±1.00 | 93.00±2.00 / 47.00±1.00 | 94.00±2.00 / 48.00±1.00 "
                         "| 95.00±2.00 / 49.00±1.00 | 1,234,567 | 12.3 | 2048 | 100 |")

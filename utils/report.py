@@ -19,7 +19,8 @@ from utils.data import EVAL_SPLITS
 from utils.runs import METRICS, read_json
 
 DISPLAY = {
-    "vanilla": "Vanilla",
+    "vanilla": "Vanilla (argmax)",
+    "vanilla-generate": "Vanilla (generate)",
     "qlora": "QLoRA",
     "gradient_ascent": "GA",
     "random_label": "RL",
