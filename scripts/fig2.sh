@@ -6,7 +6,7 @@ runs=()
 for seed in $SEEDS; do
   qlora_stage "$seed"
   for p in $P_SWEEP; do
-    spul_stage "$seed" "spul-p$p-s$seed" --alpha "$ALPHA" --beta "$BETA" --ptuning_num_tokens "$p"
+    spul_stage "$seed" "spul-p$p-s$seed" --ptuning_num_tokens "$p"
     runs+=("$OUT/spul-p$p-s$seed")
   done
 done

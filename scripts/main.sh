@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job: Table 2 at CPU scale on the embedded default (SmolLM2-135M, Rotten Tomatoes
-# 'rt' splits): vanilla evaluation, QLoRA fine-tune, the five fine-tuning baselines and SPUL,
-# then the report (markdown table, CSV, trade-off plot). Finished stages are reused on a
-# second run; delete runs/main to start over. Settings: PROFILE=cpu in scripts/common.sh.
+# 'rt' splits): vanilla evaluation (argmax and generation protocols), QLoRA fine-tune, the five
+# fine-tuning baselines, the two training-free baselines and SPUL, with the hyperparameters
+# scripts/select.sh chose on validation data (scripts/selected/cpu-rt.env), then the report
+# (markdown table, CSV, trade-off plot). Finished stages are reused on a second run; delete
+# runs/main to start over. Settings: PROFILE=cpu in scripts/common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "main job: Table 2 at CPU scale, about 25 minutes on 2 CPU cores (8 stages; the first run also converts the model, ~1 minute)"
+echo "main job: Table 2 at CPU scale, about 22 minutes on 2 CPU cores (11 stages, settings from scripts/selected/cpu-rt.env; the first run also converts the model, ~1 minute)"
 PROFILE=cpu OUT=${OUT:-runs/main} bash scripts/table2.sh "$@"

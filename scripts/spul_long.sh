@@ -9,6 +9,7 @@
 # copies) and everything in scripts/common.sh.
 PROFILE=${PROFILE:-cpu}
 OUT=${OUT:-runs/main}
+SELECTED=${SELECTED:-none}  # a fixed recipe of its own: no selected settings
 source "$(dirname "$0")/common.sh"
 : "${LONG_EPOCHS:=20}" "${LONG_LR:=5e-3}" "${LONG_ALPHA:=1}" "${LONG_BETA:=2}" "${LONG_FLAGS:=--counterfactual_retain 0.25}"
 
