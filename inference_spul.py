@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a model on the four splits (train_retain, train_forget, test_retain, test_forget):
+"""Evaluate a model on the four paper splits (train_retain, train_forget, test_retain, test_forget)
+and the two validation splits (val_retain, val_forget):
 either a pre-trained model (--model_name, the paper's 'Vanilla' row) or any run folder of this
 toolkit (--model_checkpoints). Prints a table and writes metrics JSON into an eval folder.
 

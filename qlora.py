@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a causal LM with QLoRA (4-bit NF4 + LoRA) on train_retain + train_forget, so that
 it memorises the data it will later unlearn. Saves the adapter, tokenizer, config, metrics on
-the four splits and a manifest into one run folder."""
+the four paper splits and the two validation splits and a manifest into one run folder."""
 from __future__ import annotations
 
 from pathlib import Path

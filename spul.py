@@ -3,8 +3,9 @@
 The model is a qlora.py run (base in full precision, LoRA merged) or a pre-trained model
 (--model_name alone); only the prompt encoder trains, on train_retain + train_forget mixed in
 the same batches, with L = L_f + alpha * L_r + beta * L_kl. Saves the prompt (PEFT adapter and
-encoder weights), config, metrics on the four splits with the prompt, train stats and a
-manifest binding the prompt to its model and data into one run folder."""
+encoder weights), config, metrics with the prompt on the four paper splits and the two
+validation splits, train stats and a manifest binding the prompt to its model and data into
+one run folder."""
 from __future__ import annotations
 
 import sys
