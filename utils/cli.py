@@ -70,7 +70,7 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
                         "sorted by length before it is cut into batches (less padding, so less compute); 0: plain "
                         "shuffled batches")
     g.add_argument("--stratify_batches", action="store_true",
-                   help="every batch holds the same share of forget samples (up to one) instead of a share that varies "
+                   help="every batch holds the same share of forget samples (within two samples, nearly always one) instead of a share that varies "
                         "from batch to batch; the loss terms are means over their own samples, so this evens out the "
                         "weight each forget sample gets from step to step")
     g.add_argument("--save_every", type=int, default=save_every,

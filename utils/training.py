@@ -81,7 +81,7 @@ def stratified_order(groups, rng: np.random.Generator) -> np.ndarray:
     """A seeded permutation in which each group's members are spread evenly: a member of a
     group of n gets the key (rank + u) / n, with its rank in a shuffle of its group and u
     uniform in [0, 1); sorting by the key deals the groups out in proportion, so that any run
-    of b consecutive samples holds b * n / N members of the group, up to one."""
+    of b consecutive samples holds b * n / N members of the group, within two (nearly always within one)."""
     groups = np.asarray(groups)
     keys = np.empty(len(groups))
     for g in np.unique(groups):
@@ -95,7 +95,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None, 
     """A seeded shuffle per epoch; forget and retain samples mix in the same batches.
 
     With ``strata`` (one group id per sample, e.g. is_forget) the shuffle is stratified
-    (``stratified_order``): every batch holds the same share of each group, up to one sample,
+    (``stratified_order``): every batch holds the same share of each group, within two samples (nearly always one),
     instead of a share that varies from batch to batch (with 1/3 forget samples and batch 8, a
     plain shuffle gives 0 to 6 of them; each loss term is a mean over its own samples, so a
     batch with one forget sample puts the whole weight of L_f on it).
