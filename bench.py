@@ -562,7 +562,9 @@ def spul_memory_run(bench: Bench, rss_before_model: int) -> None:
         stats = train(model, trainable_parameters(model), saved, feats, cfg, bench.device, bench.pad_id, desc="spul memory run")
     tokens = sum(len(f["input_ids"]) for f in feats)  # every step of the run, real (non-pad) text tokens
     cuda = bench.device.type == "cuda"
-    used = mem.peak if cuda else mem.peak - rss_before_model
+    # CPU: growth of the resident set; pages freed earlier and reused by the allocator are not
+    # seen, so a tiny model in a long-lived process can read 0 (never below: clamped).
+    used = mem.peak if cuda else max(0, mem.peak - rss_before_model)
     bench.spul_model = model
     bench.results["memory"] = {
         "what": "peak allocated CUDA memory" if cuda else "peak RSS of the process minus its RSS before the model was loaded",

