@@ -28,7 +28,7 @@ from utils.baselines import (
 )
 from utils.checkpoints import load_pretrained, load_run
 from utils.data import prepare_splits, split_fingerprint, training_set
-from utils.evaluation import evaluate_splits, format_table
+from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run
@@ -165,7 +165,7 @@ def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
         if limit and prompt.size(0) + args.max_length > limit:
             print(f"warning: the prefix ({prompt.size(0)} tokens) plus --max_length {args.max_length} exceeds the "
                   f"model's {limit} positions", file=sys.stderr)
-    metrics = evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+    evaluation = evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
     if distributed.is_main():
         # the run is rebuilt from the QLoRA run it points to: an absolute path, found from any working directory
@@ -179,8 +179,8 @@ def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
                 lora=False, **qlora_binding(qlora_run, qlora_manifest), saved=saved,
             )
             stats = {**TrainStats().as_dict(), "seconds": 0.0, "training_samples": 0, "prefix_tokens": saved["prefix_tokens"]}
-            save_run(tmp, args, metrics, manifest, stats)
-        print(format_table({args.unlearn_method: metrics}))
+            save_run(tmp, args, evaluation, manifest, stats)
+        print(format_table({args.unlearn_method: evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
 
@@ -234,7 +234,7 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: {args.unlearn_method} diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
+    evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
@@ -250,9 +250,9 @@ def main(argv=None):
                 reference={k: v for k, v in reference.stats.items() if k != "seconds"},
                 saved=saved,
             )
-            save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
+            save_run(tmp, args, evaluation, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
         cli.remove_checkpoints(out)
-        print(format_table({args.unlearn_method: metrics}))
+        print(format_table({args.unlearn_method: evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
 

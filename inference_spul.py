@@ -15,7 +15,7 @@ from utils import cli, distributed
 from utils.binding import load_checked
 from utils.checkpoints import load_pretrained
 from utils.data import prepare_splits
-from utils.evaluation import evaluate_splits, format_table
+from utils.evaluation import Evaluation, evaluate, format_table
 from utils.generation import MAX_NEW_TOKENS, evaluate_generation
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, default_run_name, library_versions, save_run
@@ -59,12 +59,13 @@ def check_protocol(args) -> None:
         raise cli.UsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
 
 
-def evaluate(args, loaded, encoder, splits, device, prompt) -> dict:
-    """Metrics per split under ``--protocol``; the same format under both."""
+def run_protocol(args, loaded, encoder, splits, device, prompt) -> Evaluation:
+    """Metrics per split under ``--protocol``, in the same format under both; the argmax
+    protocol also gives the per-example records and membership-inference AUCs."""
     if args.protocol == "generate":
-        return evaluate_generation(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt,
-                                   split_names=args.eval_splits, max_new_tokens=args.max_new_tokens)
-    return evaluate_splits(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+        return Evaluation(evaluate_generation(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt,
+                                              split_names=args.eval_splits, max_new_tokens=args.max_new_tokens))
+    return evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
 
 @cli.entry_point
@@ -86,7 +87,7 @@ def main(argv=None):
     prompt = None if args.no_prompt else loaded.prompt
     encoder = Encoder(loaded.tokenizer, args.max_length)
     cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
-    metrics = evaluate(args, loaded, encoder, splits, device, prompt)
+    evaluation = run_protocol(args, loaded, encoder, splits, device, prompt)
 
     name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")
     name += " (generate)" if args.protocol == "generate" else ""
@@ -97,8 +98,8 @@ def main(argv=None):
                 "threads": args.threads, "versions": library_versions()}
     if distributed.is_main():  # every process holds the gathered metrics; one writes them
         with atomic_run_dir(out, args.overwrite) as tmp:
-            save_run(tmp, args, metrics, manifest)
-        print(format_table({name: metrics}))
+            save_run(tmp, args, evaluation, manifest)
+        print(format_table({name: evaluation.metrics}))
         print(f"metrics: {out / 'metrics.json'}")
     distributed.barrier()
 

@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from utils import cli, distributed
 from utils.data import prepare_splits, training_set
-from utils.evaluation import evaluate_splits, format_table
+from utils.evaluation import evaluate, format_table
 from utils.forward import label_logits
 from utils.losses import ce_per_sample
 from utils.models import (
@@ -77,7 +77,7 @@ def main(argv=None):
     features = training_set(encoder, splits, args.seed)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
+    evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
@@ -87,9 +87,9 @@ def main(argv=None):
                 "qlora", args, model_path, splits,
                 quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
             )
-            save_run(tmp, args, metrics, manifest, stats.as_dict())
+            save_run(tmp, args, evaluation, manifest, stats.as_dict())
         cli.remove_checkpoints(out)
-        print(format_table({"QLoRA": metrics}))
+        print(format_table({"QLoRA": evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
 

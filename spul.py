@@ -16,7 +16,7 @@ import torch
 from utils import cli, distributed
 from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import prepare_splits, training_set
-from utils.evaluation import evaluate_splits, format_table
+from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
@@ -108,7 +108,7 @@ def main(argv=None):
         sys.exit(1)
     with torch.no_grad():
         prompt = prompt_embeddings(model).detach()
-    metrics = evaluate_splits(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+    evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
@@ -116,9 +116,9 @@ def main(argv=None):
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
             manifest["prompt"]["row_norm"] = row_norm
-            save_run(tmp, args, metrics, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
+            save_run(tmp, args, evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)
-        print(format_table({"SPUL": metrics}))
+        print(format_table({"SPUL": evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
 

@@ -183,7 +183,8 @@ def test_first_generated_token_is_the_argmax_prediction(tiny, frame, with_prompt
     p = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(2)) if with_prompt else None
     task_ids = label_token_ids(encoder, LABEL_WORDS)
     pad = encoder.tokenizer.pad_token_id
-    pred_ids, restricted = predict(model, encode_frame(encoder, frame, False), 4, "cpu", pad, p, task_ids)
+    preds = predict(model, encode_frame(encoder, frame, False), 4, "cpu", pad, p, task_ids)
+    pred_ids, restricted = preds.ids, preds.restricted
     rows = [f["input_ids"] for f in prompt_features(encoder, frame)]
     new, _ = greedy_decode(model, rows, pad, "cpu", 1, cache_for(model, p))
     assert [r[0] for r in new] == pred_ids.tolist()

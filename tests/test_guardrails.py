@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -187,7 +188,8 @@ def test_prefix_as_prompt_equals_concatenated_tokens(tiny, kind):
     task = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
     with_prompt = predict(model, feats, 2, "cpu", pad, prompt=emb, task_ids=task)
     with_tokens = predict(model, concat, 2, "cpu", pad, task_ids=task)
-    assert all((a == b).all() for a, b in zip(with_prompt, with_tokens))
+    assert (with_prompt.ids == with_tokens.ids).all() and (with_prompt.restricted == with_tokens.restricted).all()
+    assert np.allclose(with_prompt.label_logprobs, with_tokens.label_logprobs, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,15 +221,15 @@ def qlora_run(tmp_path_factory, tiny_model_dir, entities_data):
 
 
 def _spy(mp, module, seen: list) -> None:
-    """Record (model, tokenizer, prompt) of each ``evaluate_splits`` call of ``module``: the tiny
+    """Record (model, tokenizer, prompt) of each ``evaluate`` call of ``module``: the tiny
     model's predictions need not move with a prefix, so the tests check the prompt itself."""
-    real = module.evaluate_splits
+    real = module.evaluate
 
     def spy(model, encoder, *args, prompt=None, **kwargs):
         seen.append((model, encoder.tokenizer, prompt))
         return real(model, encoder, *args, prompt=prompt, **kwargs)
 
-    mp.setattr(module, "evaluate_splits", spy)
+    mp.setattr(module, "evaluate", spy)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +259,7 @@ def _read(folder, name):
 def test_training_free_run_end_to_end(method, runs, qlora_run, entities_data, tmp_path):
     root, evaluated = runs
     out = root / method
-    assert {p.name for p in out.iterdir()} == {"tokenizer", "config.json", "metrics.json", "manifest.json", "train_stats.json", "prefix.txt"}
+    assert {p.name for p in out.iterdir()} == {"tokenizer", "config.json", "metrics.json", "manifest.json", "train_stats.json", "prefix.txt", "records.jsonl", "audit.json"}
     metrics = _read(out, "metrics.json")
     assert set(metrics) == set(EVAL_SPLITS)  # every split prepare_splits returns, validation included
     manifest, qm = _read(out, "manifest.json"), _read(qlora_run, "manifest.json")

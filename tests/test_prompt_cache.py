@@ -123,12 +123,14 @@ def test_predict_with_a_prompt_uses_the_cache_and_matches_the_plain_path(model, 
     builds = []
     real_build = PromptCache.build.__func__
     monkeypatch.setattr(PromptCache, "build", classmethod(lambda cls, m, p: builds.append(1) or real_build(cls, m, p)))
-    pred, restricted = predict(model, feats, 4, "cpu", 0, prompt=prompt, task_ids=[8, 9])
+    preds = predict(model, feats, 4, "cpu", 0, prompt=prompt, task_ids=[8, 9])
+    pred, restricted = preds.ids, preds.restricted
     assert builds == [1]  # once for the whole split, not per batch
     with torch.no_grad():
         logits = label_logits(model, collate(feats, 0), prompt)[:, 0]
     assert np.array_equal(pred, logits.argmax(-1).numpy())
     assert np.array_equal(restricted, logits[:, [8, 9]].argmax(-1).numpy())
+    assert np.allclose(preds.label_logprobs, torch.log_softmax(logits, -1)[:, [8, 9]].double().numpy(), atol=1e-6)
 
 
 def test_reference_hidden_cache_gives_the_on_the_fly_reference():

@@ -83,7 +83,7 @@ def test_crash_while_saving_a_spul_run_keeps_only_the_checkpoint(tiny_model_dir,
     spul.main(args + ["--output_path", str(runs / "spul"), "--resume"])
     assert sorted(p.name for p in runs.iterdir()) == ["spul"]
     files = [p for p in (runs / "spul").rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md", ".jinja"}, sorted({p.suffix for p in files})
+    assert {p.suffix for p in files} <= {".json", ".jsonl", ".safetensors", ".md", ".jinja"}, sorted({p.suffix for p in files})
     assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
     assert not any(p.suffix == ".json" and p.name.startswith(".") for p in files)
 

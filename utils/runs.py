@@ -14,6 +14,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+RECORDS = "records.jsonl"  # one JSON object per evaluated example (utils.evaluation.example_records)
+AUDIT = "audit.json"  # membership-inference AUCs (utils.mia)
 
 
 class RunError(ValueError):
@@ -112,10 +114,25 @@ def run_manifest(kind: str, args, model_path: str, splits: dict, **extra) -> dic
     }
 
 
-def save_run(tmp: Path, args, metrics: dict, manifest: dict, stats: dict | None = None) -> None:
-    """The JSON files every run folder has: config, metrics, manifest (and train stats)."""
+def save_run(tmp: Path, args, evaluation, manifest: dict, stats: dict | None = None) -> None:
+    """The files every run folder has: config, metrics, manifest (and train stats), from a
+    ``utils.evaluation.Evaluation``; with per-example records also ``records.jsonl`` (one JSON
+    object per evaluated example) and ``audit.json`` (the membership-inference AUCs)."""
     write_json(tmp / CONFIG, vars(args))
-    write_json(tmp / METRICS, metrics)
+    write_json(tmp / METRICS, evaluation.metrics)
     write_json(tmp / MANIFEST, manifest)
     if stats is not None:
         write_json(tmp / "train_stats.json", stats)
+    if evaluation.records:
+        with open(tmp / RECORDS, "w") as f:
+            for r in evaluation.records:
+                f.write(json.dumps(r) + "\n")
+        write_json(tmp / AUDIT, {"mia": evaluation.mia, "records": RECORDS, "examples": len(evaluation.records)})
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The per-example records of a run folder (``records.jsonl``)."""
+    path = Path(run_dir) / RECORDS
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {RECORDS} (evaluated before per-example records existed, or by --protocol generate)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

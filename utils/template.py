@@ -42,6 +42,9 @@ class Encoder:
 
     tokenizer: object
     max_length: int
+    # the template text between the review and the label (the question line and the answer
+    # header); the default is the paper's, a robustness probe may pass a paraphrase
+    suffix: str = SUFFIX
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -49,7 +52,7 @@ class Encoder:
         bos = list(tok("", add_special_tokens=True)["input_ids"])
         object.__setattr__(self, "_bos", bos)
         object.__setattr__(self, "_prefix", _ids(tok, PREFIX))
-        object.__setattr__(self, "_suffix", _ids(tok, SUFFIX))
+        object.__setattr__(self, "_suffix", _ids(tok, self.suffix))
 
     def label_ids(self, word: str) -> list[int]:
         return _ids(self.tokenizer, " " + word)
