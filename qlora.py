@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Fine-tune a causal LM with QLoRA (4-bit NF4 + LoRA) on train_retain + train_forget, so that
 it memorises the data it will later unlearn. Saves the adapter, tokenizer, config, metrics on
-the four paper splits and the two validation splits and a manifest into one run folder."""
+the four paper splits and the two validation splits and a manifest into one run folder.
+
+With ``--retain_only`` the same recipe trains on train_retain alone: the retrain oracle, the
+model that never saw the forget set, against which the forgetting audit (membership-inference
+privleak, KS forget quality) measures every unlearned run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +43,10 @@ def build_parser():
     g.add_argument("--lora_bias", default="none", choices=["none", "all", "lora_only"], help="which biases LoRA trains")
     g.add_argument("--no_quantize", action="store_true", help="train LoRA on the full-precision model instead of 4-bit NF4")
     cli.add_train_args(p, lr=1e-4, epochs=10, warmup=0.05, save_every=200)
+    g = p.add_argument_group("retrain oracle")
+    g.add_argument("--retain_only", action="store_true",
+                   help="train on train_retain only (same settings otherwise): the retrain oracle, the model that never "
+                        "saw the forget set; every split is still evaluated")
     cli.add_output_args(p)
     return p
 
@@ -55,7 +63,7 @@ def main(argv=None):
     cli.check_common(args)
     if args.lora_rank < 1 or args.lora_dropout < 0 or args.lora_dropout >= 1:
         raise cli.UsageError("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
-    out = Path(args.output_path or Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "qlora"))
+    out = Path(args.output_path or Path("runs") / default_run_name(Path(args.model_name).name, args.dataset, "retrain" if args.retain_only else "qlora"))
     check_output(out, args.overwrite)
     seed_everything(args.seed)
 
@@ -74,7 +82,7 @@ def main(argv=None):
     if distributed.is_main():
         print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
 
-    features = training_set(encoder, splits, args.seed)
+    features = training_set(encoder, splits, args.seed, include_forget=not args.retain_only)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
@@ -86,10 +94,11 @@ def main(argv=None):
             manifest = run_manifest(
                 "qlora", args, model_path, splits,
                 quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
+                retain_only=args.retain_only,
             )
             save_run(tmp, args, evaluation, manifest, stats.as_dict())
         cli.remove_checkpoints(out)
-        print(format_table({"QLoRA": evaluation.metrics}))
+        print(format_table({"Retrain" if args.retain_only else "QLoRA": evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
 

@@ -101,6 +101,11 @@ qlora_stage() {  # the fine-tuned model every unlearning run starts from
     --lr "$QLORA_LR" --num_epochs "$QLORA_EPOCHS" --train_batch_size "$BATCH" $QLORA_QUANT --output_path "$OUT/qlora-s$1"
 }
 
+retrain_stage() {  # the retrain oracle: the QLoRA recipe on train_retain only (never saw the forget set)
+  stage "retrain s$1" "$OUT/retrain-s$1" $PY qlora.py --model_name "$MODEL" "${DATA[@]}" --seed "$1" --retain_only \
+    --lr "$QLORA_LR" --num_epochs "$QLORA_EPOCHS" --train_batch_size "$BATCH" $QLORA_QUANT --output_path "$OUT/retrain-s$1"
+}
+
 spul_stage() {  # spul_stage SEED RUN_NAME [extra spul.py flags...]: defaults < selected < environment < extra
   local seed=$1 name=$2; shift 2
   # shellcheck disable=SC2046
@@ -117,11 +122,12 @@ baseline_stage() {  # baseline_stage SEED METHOD [RUN_NAME [extra baselines.py f
     --train_batch_size "$BATCH" $(selected_flags "$method") "${USER_BASELINE[@]}" "$@" --output_path "$OUT/$name"
 }
 
-report() {  # report NAME RUN_DIR...: markdown, CSV and plot next to the runs
+report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot next to the runs
   local name=$1; shift
-  if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$PY -m utils.report $* --markdown $OUT/$name.md --csv $OUT/$name.csv --plot $OUT/$name.png"; return; fi
-  $PY -m utils.report "$@" --markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png"
-  echo "plot: $OUT/$name.png"
+  local files=(--markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png" --mia_plot "$OUT/$name-mia.png")
+  if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$PY -m utils.report $* ${files[*]}"; return; fi
+  $PY -m utils.report "$@" "${files[@]}"
+  echo "plots: $OUT/$name.png $OUT/$name-mia.png"
 }
 
 TRAINED_BASELINES="gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo"

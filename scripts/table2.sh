@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Table 2: vanilla (argmax and generation protocols), QLoRA, the four paper baselines plus NPO,
+# Table 2: vanilla (argmax and generation protocols), QLoRA, the retrain oracle (QLoRA on
+# train_retain only: the reference of the audit columns), the four paper baselines plus NPO,
 # the two training-free baselines (instruction prompt, in-context unlearning) and SPUL on one
 # dataset, with the settings chosen by scripts/select.sh where there are some, then the report.
 # The run selection chose for its seed is evaluated on every split instead of being trained
@@ -15,12 +16,13 @@ if [ "${VANILLA:-1}" != 0 ]; then  # VANILLA=0 leaves the vanilla rows out
 fi
 for seed in $SEEDS; do
   qlora_stage "$seed"
+  retrain_stage "$seed"
   for method in $TRAINED_BASELINES $TRAINING_FREE spul; do
     chosen=$(selected_run "$method" "$seed")
     if [ -n "$chosen" ]; then eval_stage "$method-s$seed" "$chosen" "$seed"
     elif [ "$method" = spul ]; then spul_stage "$seed" "spul-s$seed" --ptuning_num_tokens "$P_TOKENS"
     else baseline_stage "$seed" "$method"; fi
   done
-  for r in qlora $TRAINED_BASELINES $TRAINING_FREE spul; do runs+=("$OUT/$r-s$seed"); done
+  for r in qlora retrain $TRAINED_BASELINES $TRAINING_FREE spul; do runs+=("$OUT/$r-s$seed"); done
 done
 report table2 "${runs[@]}"

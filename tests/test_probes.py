@@ -187,7 +187,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, data):
     root = tmp_path_factory.mktemp("runs")
-    qlora.main(["--model_name", tiny_model_dir, "--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-3",
+    # trained enough that it answers with label words (the probe table is not all zeros)
+    qlora.main(["--model_name", tiny_model_dir, "--num_epochs", "4", "--train_batch_size", "8", "--lr", "3e-2",
                 "--no_quantize", "--output_path", str(root / "qlora")] + data)
     spul.main(["--model_checkpoints", str(root / "qlora"), "--output_path", str(root / "spul")] + SPUL_ARGS + data)
     return root
@@ -270,21 +271,31 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     from utils.binding import load_checked
     from utils.data import prepare_splits
 
-    real = utils.evaluation.evaluate_splits
-    calls = []
+    import torch
+
+    # the tiny model's accuracies barely move under any probe, so the checks below also compare
+    # the label-position logits of each evaluate_splits call
+    real, real_logits = utils.evaluation.evaluate_splits, utils.evaluation.label_logits
+    calls, logits = [], []
 
     def spy(model, encoder, splits, *a, prompt=None, split_names=None, **k):
         calls.append((tuple(split_names), prompt is None, encoder._suffix))
+        logits.append([])
         return real(model, encoder, splits, *a, prompt=prompt, split_names=split_names, **k)
 
+    def spy_logits(*a, **k):
+        out = real_logits(*a, **k)
+        logits[-1].append(out[:, 0].detach().clone())
+        return out
+
     monkeypatch.setattr(utils.evaluation, "evaluate_splits", spy)
+    monkeypatch.setattr(utils.evaluation, "label_logits", spy_logits)
     out = tmp_path / "probes"
     argv = [str(runs / "qlora"), str(runs / "spul")] + data + ["--forget_names", *PEOPLE, "--names", "QLoRA", "SPUL",
                                                               "--output_path", str(out)]
     start = time.perf_counter()
     probes.main(argv)
     print(f"probes e2e wall time: {time.perf_counter() - start:.1f}s")
-    monkeypatch.setattr(utils.evaluation, "evaluate_splits", real)
 
     assert sorted(p.name for p in out.iterdir()) == ["probes.json", "probes.md"]
     report = json.loads((out / "probes.json").read_text())
@@ -318,6 +329,17 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     default = Encoder(tiny_tokenizer(), 64)._suffix
     per_run = {"QLoRA": calls[:7], "SPUL": calls[7:]}
     assert len(calls) == 7 + 8
+    cat = [torch.cat(x) for x in logits]
+    q_none, s_none, s_no_prompt = cat[0], cat[7], cat[14]
+    assert torch.equal(s_no_prompt, q_none)  # without its prompt the SPUL run is its QLoRA model
+    assert not torch.allclose(s_none, s_no_prompt)  # and with it, the prompt is really there
+    for i in (1, 2, 3, 8, 9, 10):  # every paraphrase changes the logits
+        assert not torch.allclose(cat[i], cat[0 if i < 7 else 7])
+    # name_case keeps every token count, so its forget rows line up with the reference's: the
+    # probed texts were fed in
+    r = [rows[s] for s in four]
+    forget_rows = torch.cat([q_none[r[0]:r[0] + r[1]], q_none[sum(r[:3]):]])
+    assert cat[4].shape == forget_rows.shape and not torch.allclose(cat[4], forget_rows)
     for label, run_calls in per_run.items():
         no_prompt = label == "QLoRA"  # the QLoRA run has no prompt; SPUL's is used until no_prompt
         assert run_calls[0] == (tuple(four), no_prompt, default)  # none
@@ -331,8 +353,10 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     splits = prepare_splits(args)
     for run, row in (("qlora", qrun), ("spul", srun)):
         loaded, _ = load_checked(runs / run, "cpu")
-        direct = real(loaded.model, Encoder(loaded.tokenizer, 64), splits, 8, "cpu", prompt=loaded.prompt, split_names=four)
+        direct = utils.evaluation.evaluate_splits(loaded.model, Encoder(loaded.tokenizer, 64), splits, 8, "cpu",
+                                                  prompt=loaded.prompt, split_names=four)
         assert row["results"]["none"]["metrics"] == _json(direct)
+        assert torch.equal(torch.cat(logits[-1]), q_none if run == "qlora" else s_none)
         stored = json.loads((runs / run / "metrics.json").read_text())
         assert all(stored[s] == row["results"]["none"]["metrics"][s] for s in four)
     assert srun["results"]["no_prompt"]["metrics"] == qrun["results"]["none"]["metrics"]

@@ -31,7 +31,7 @@ def test_report_markdown_csv_and_plot(tmp_path):
     assert lines[4].startswith("| spul-a0.1-b0 | 10.12 / 5.06 | 11.12 / 6.06 |")
     rows = csv_path.read_text().splitlines()
     assert rows[2].startswith("QLoRA,2,92.00,46.00,93.00,47.00,94.00,48.00,95.00,49.00,2.00,1.00,")
-    assert rows[2].endswith(",1234567.00,12.35,2048.40,99.50")
+    assert ",1234567.00,12.35,2048.40,99.50," in rows[2] and rows[2].endswith(",,")  # no audit figures: empty cells
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -52,3 +52,44 @@ def test_point_labels_join_coinciding_runs_in_row_order():
 
     points = {"QLoRA": (98.44, 96.09), "GA": (43.75, 42.19), "SPUL": (54.69, 78.12), "NPO": (43.751, 42.189)}
     assert point_labels(points) == {(98.44, 96.09): "QLoRA", (43.75, 42.19): "GA, NPO", (54.69, 78.12): "SPUL"}
+
+
+def fake_audited_run(path, seed, forget_auc, p_forget, retain_only=False):
+    """A run folder with metrics, a manifest (seed, oracle or not), audit.json and records whose
+    train_forget true-label probabilities are ``p_forget`` (labels all 1)."""
+    import math
+
+    fake_run(path, 80.0)
+    (path / "manifest.json").write_text(json.dumps({"kind": "qlora", "seed": seed, "retain_only": retain_only}))
+    (path / "audit.json").write_text(json.dumps({"mia": {"forget": {"loss_auc": forget_auc, "logit_auc": forget_auc / 2},
+                                                         "retain": {"loss_auc": 0.5, "logit_auc": 0.5}}}))
+    records = [{"split": "train_forget", "row": i, "label": 1, "pred_id": 0, "label_logprobs": [math.log(1 - p), math.log(p)]}
+               for i, p in enumerate(p_forget)]
+    (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_audit_columns_against_the_retrain_oracle_of_the_same_seed(tmp_path):
+    from scipy.stats import ks_2samp
+
+    oracle_p, run_p = [0.1, 0.2, 0.3, 0.4], [0.6, 0.7, 0.8, 0.9]
+    runs = [fake_audited_run(tmp_path / "retrain-s1", 1, 0.5, oracle_p, retain_only=True),
+            fake_audited_run(tmp_path / "spul-s1", 1, 0.6, run_p),
+            fake_audited_run(tmp_path / "other-s2", 2, 0.6, run_p)]  # seed 2 has no oracle
+    md, csv_path, png = tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "mia.png"
+    assert main(runs + ["--markdown", str(md), "--csv", str(csv_path), "--mia_plot", str(png)]) == 0
+    lines = md.read_text().splitlines()
+    assert "MIA AUC forget (LOSS) | MIA AUC forget (logit) | privleak % (LOSS) | privleak % (logit) | KS p (forget quality)" in lines[0]
+    ks = ks_2samp(run_p, oracle_p).pvalue  # fully separated samples of 4: 2 / C(8, 4)
+    assert abs(ks - 2 / 70) < 1e-12
+    assert lines[2].startswith("| Retrain |") and "| 0.500 | 0.250 | +0.0 | +0.0 | 1 |" in lines[2]
+    assert f"| 0.600 | 0.300 | +20.0 | +20.0 | {ks:.3g} |" in lines[3]
+    assert "| 0.600 | 0.300 | - | - | - |" in lines[4]  # no oracle for its seed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_refuses_an_oracle_on_other_rows(tmp_path, capsys):
+    runs = [fake_audited_run(tmp_path / "retrain-s1", 1, 0.5, [0.1, 0.2], retain_only=True),
+            fake_audited_run(tmp_path / "spul-s1", 1, 0.6, [0.6, 0.7, 0.8])]
+    assert main(runs) == 2
+    assert "differ from the retrain oracle" in capsys.readouterr().err

@@ -249,10 +249,14 @@ def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] 
     return out
 
 
-def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra_retain: pd.DataFrame | None = None) -> list[dict]:
+def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra_retain: pd.DataFrame | None = None,
+                 include_forget: bool = True) -> list[dict]:
     """train_retain (+ ``extra_retain`` rows, e.g. counterfactual ones) + train_forget; forget
     samples keep their true label, or with ``relabel_forget`` get a generic label drawn once
-    from the seed."""
+    from the seed. ``include_forget`` False: train_retain alone (the retrain oracle)."""
+    if not include_forget:
+        retain = encode_frame(encoder, splits["train_retain"], False)
+        return retain + (encode_frame(encoder, extra_retain, False) if extra_retain is not None else [])
     forget = splits["train_forget"]
     targets = generic_labels(len(forget), seed) if relabel_forget else None
     retain = encode_frame(encoder, splits["train_retain"], False)

@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from utils import cli
+from utils import cli, distributed
 from utils.data import SPLITS
 
 DEFAULT_QUESTION = "What is the sentiment of the given text?"  # the paper's (utils/template.py SUFFIX)
@@ -403,11 +403,13 @@ def main(argv=None):
     }
     markdown = format_markdown(report)
     out = Path(args.output_path)
-    with atomic_run_dir(out, args.overwrite) as tmp:
-        write_json(tmp / "probes.json", report)
-        (tmp / "probes.md").write_text(markdown)
-    print(markdown)
-    print(f"probes: {out / 'probes.json'}")
+    if distributed.is_main():  # every process holds the gathered metrics; one writes them
+        with atomic_run_dir(out, args.overwrite) as tmp:
+            write_json(tmp / "probes.json", report)
+            (tmp / "probes.md").write_text(markdown)
+        print(markdown)
+        print(f"probes: {out / 'probes.json'}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

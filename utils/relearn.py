@@ -379,7 +379,7 @@ def attack_run(args, run, device, sets) -> dict:
     record = {
         "path": str(Path(run).resolve()),
         "kind": loaded.manifest.get("kind"),
-        "method": loaded.manifest.get("unlearn_method"),
+        "method": loaded.manifest.get("method"),  # a baseline's unlearning method
         "prompt": None if prompt is None else {"shape": list(prompt.shape), "unchanged": unchanged},
         "forced_mismatches": forced,
         "lora": {"r": args.lora_r, "alpha": alpha, "dropout": args.lora_dropout, "target_modules": targets,

@@ -1,9 +1,16 @@
 """Collect run folders into the paper's table layout: one row per method, ACC and F1 on
 train retain, train forget, test retain and test forget (and on val retain / val forget when
-every run has them), plus efficiency columns from each run's train_stats.json. Folders that differ only in a ``-s<seed>`` suffix form one row with
-mean ± std. Writes markdown, CSV and a trade-off plot (forget vs retain accuracy).
+every run has them), the forgetting audit, and efficiency columns from each run's
+train_stats.json. Folders that differ only in a ``-s<seed>`` suffix form one row with
+mean ± std. Writes markdown, CSV, a trade-off plot (forget vs retain accuracy) and an MIA plot
+(forget-set MIA AUC vs test retain accuracy).
 
-    python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png]
+Audit columns (utils.mia), from each run's audit.json and records.jsonl: the forget-set
+membership-inference AUC under the LOSS and the stable logit score; when a retrain oracle of
+the same seed is among the runs (a ``qlora.py --retain_only`` run, found by its manifest),
+privleak against it and the KS forget-quality p-value on train_forget.
+
+    python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png] [--mia_plot F.png]
 """
 from __future__ import annotations
 
@@ -15,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from utils import mia
 from utils.data import EVAL_SPLITS
-from utils.runs import METRICS, read_json
+from utils.runs import AUDIT, MANIFEST, METRICS, RECORDS, read_json, read_records
 
 DISPLAY = {
     "vanilla": "Vanilla (argmax)",
     "vanilla-generate": "Vanilla (generate)",
     "qlora": "QLoRA",
+    "retrain": "Retrain",
     "gradient_ascent": "GA",
     "random_label": "RL",
     "gradient_ascent_kl": "GA+KL",
@@ -45,8 +54,23 @@ def row_name(folder: Path) -> str:
     return DISPLAY.get(base, base)
 
 
+AUDIT_COLUMNS = (  # (summary key, column title, format)
+    ("forget_loss_auc", "MIA AUC forget (LOSS)", "{:.3f}"),
+    ("forget_logit_auc", "MIA AUC forget (logit)", "{:.3f}"),
+    ("privleak_loss", "privleak % (LOSS)", "{:+.1f}"),
+    ("privleak_logit", "privleak % (logit)", "{:+.1f}"),
+    ("ks_p", "KS p (forget quality)", "{:.3g}"),
+)
+AUDIT_CSV_ONLY = ("retain_loss_auc", "retain_logit_auc")
+
+
+def is_oracle(manifest: dict) -> bool:
+    """A retrain oracle (qlora.py --retain_only), or an eval folder of one."""
+    return bool(manifest.get("retain_only") or (manifest.get("evaluated") or {}).get("retain_only"))
+
+
 def collect(run_dirs, names=None) -> dict[str, list[dict]]:
-    """{row name: [{"metrics": ..., "stats": ...} per seed]} in first-seen order."""
+    """{row name: [{"metrics", "stats", "audit", "manifest", "dir"} per seed]} in first-seen order."""
     names = names or [row_name(Path(d)) for d in run_dirs]
     rows: dict[str, list[dict]] = {}
     for name, d in zip(names, run_dirs):
@@ -54,8 +78,44 @@ def collect(run_dirs, names=None) -> dict[str, list[dict]]:
         if not (d / METRICS).is_file():
             raise FileNotFoundError(f"{d}: no {METRICS} (not a finished run)")
         stats = read_json(d / "train_stats.json") if (d / "train_stats.json").is_file() else {}
-        rows.setdefault(name, []).append({"metrics": read_json(d / METRICS), "stats": stats})
+        audit = read_json(d / AUDIT) if (d / AUDIT).is_file() else {}
+        manifest = read_json(d / MANIFEST) if (d / MANIFEST).is_file() else {}
+        rows.setdefault(name, []).append({"metrics": read_json(d / METRICS), "stats": stats, "audit": audit,
+                                          "manifest": manifest, "dir": d})
     return rows
+
+
+def true_label_probs(run_dir: Path, split: str = "train_forget") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, p(true label)) of ``split`` from a run's records, in row order."""
+    rows = sorted((r for r in read_records(run_dir) if r["split"] == split), key=lambda r: r["row"])
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    return labels, np.exp(mia.true_logprob([r["label_logprobs"] for r in rows], labels))
+
+
+def add_audit(rows: dict[str, list[dict]]) -> None:
+    """Fill each run's ``audit_figures``: its MIA AUCs and, against the retrain oracle of the
+    same seed (if one is among the runs), privleak and the KS forget-quality p-value."""
+    oracles = {r["manifest"].get("seed"): r for rs in rows.values() for r in rs if is_oracle(r["manifest"]) and r["audit"]}
+    for runs in rows.values():
+        for r in runs:
+            fig = {}
+            auc = r["audit"].get("mia", {})
+            for side in ("forget", "retain"):
+                for score in mia.SCORES:
+                    if side in auc:
+                        fig[f"{side}_{score}_auc"] = auc[side][f"{score}_auc"]
+            oracle = oracles.get(r["manifest"].get("seed"))
+            if oracle is not None and "forget" in auc and "forget" in oracle["audit"]["mia"]:
+                for score in mia.SCORES:
+                    fig[f"privleak_{score}"] = mia.privleak(auc["forget"][f"{score}_auc"], oracle["audit"]["mia"]["forget"][f"{score}_auc"])
+                if (r["dir"] / RECORDS).is_file():
+                    labels, p_run = true_label_probs(r["dir"])
+                    oracle_labels, p_oracle = true_label_probs(oracle["dir"])
+                    if not np.array_equal(labels, oracle_labels):
+                        raise ValueError(f"{r['dir']}: its train_forget rows differ from the retrain oracle's ({oracle['dir']}): "
+                                         f"not the same data (--data_seed, caps)")
+                    fig["ks_p"] = mia.forget_quality(p_run, p_oracle)
+            r["audit_figures"] = fig
 
 
 def shown_splits(rows: dict[str, list[dict]]) -> list[str]:
@@ -74,7 +134,18 @@ def summarise(runs: list[dict], splits=None) -> dict:
     for key, _, _ in EFFICIENCY:
         v = [r["stats"][key] for r in runs if key in r["stats"]]
         out[key] = float(np.mean(v)) if v else None
+    for key in [k for k, _, _ in AUDIT_COLUMNS] + list(AUDIT_CSV_ONLY):
+        v = np.array([r.get("audit_figures", {})[key] for r in runs if key in r.get("audit_figures", {})], dtype=float)
+        out[key] = (v.mean(), v.std()) if len(v) == len(runs) else None  # only when every seed has it
     return out
+
+
+def _audit_cell(value, fmt: str, seeds: int) -> str:
+    """``mean`` (one seed) or ``mean±std``; the std without the sign ``fmt`` may force."""
+    if value is None:
+        return "-"
+    mean, std = value
+    return fmt.format(mean) + ("±" + fmt.replace("+", "").format(std) if seeds > 1 else "")
 
 
 def _cell(mean_std, seeds: int) -> str:
@@ -88,10 +159,12 @@ def _splits(summary: dict[str, dict]) -> list[str]:
 
 def markdown(summary: dict[str, dict]) -> str:
     splits = _splits(summary)
-    head = ["method"] + [f"{s.replace('_', ' ')} ACC / F1" for s in splits] + [t for _, t, _ in EFFICIENCY]
+    audit = [c for c in AUDIT_COLUMNS if any(r.get(c[0]) is not None for r in summary.values())]
+    head = ["method"] + [f"{s.replace('_', ' ')} ACC / F1" for s in splits] + [t for _, t, _ in audit] + [t for _, t, _ in EFFICIENCY]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in summary.items():
         cells = [f"{_cell(r[f'{s}_accuracy'], r['seeds'])} / {_cell(r[f'{s}_f1'], r['seeds'])}" for s in splits]
+        cells += [_audit_cell(r.get(k), fmt, r["seeds"]) for k, _, fmt in audit]
         cells += [fmt.format(r[k]) if r[k] is not None else "-" for k, _, fmt in EFFICIENCY]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -101,13 +174,17 @@ def write_csv(summary: dict[str, dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         metric_cols = [f"{s}_{m}" for s in _splits(summary) for m in ("accuracy", "f1")]
-        w.writerow(["method", "seeds"] + metric_cols + [c + "_std" for c in metric_cols] + [k for k, _, _ in EFFICIENCY])
+        audit = [k for k, _, _ in AUDIT_COLUMNS] + list(AUDIT_CSV_ONLY)
+        w.writerow(["method", "seeds"] + metric_cols + [c + "_std" for c in metric_cols] + [k for k, _, _ in EFFICIENCY]
+                   + audit + [k + "_std" for k in audit])
         for name, r in summary.items():
             w.writerow(
                 [name, r["seeds"]]
                 + [f"{r[c][0]:.2f}" for c in metric_cols]
                 + [f"{r[c][1]:.2f}" for c in metric_cols]
                 + ["" if r[k] is None else f"{r[k]:.2f}" for k, _, _ in EFFICIENCY]
+                + ["" if r.get(k) is None else f"{r[k][0]:.6g}" for k in audit]
+                + ["" if r.get(k) is None else f"{r[k][1]:.6g}" for k in audit]
             )
 
 
@@ -146,6 +223,36 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def mia_plot(summary: dict[str, dict], path: Path) -> None:
+    """Forget-set MIA AUC (LOSS score, x) against test retain ACC (y), one point per row that
+    has both, with the retrain oracle's AUC and 0.5 (chance) as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = {}
+    for name, r in summary.items():
+        if r.get("forget_loss_auc") is None or "test_retain_accuracy" not in r:
+            continue
+        (x, xs), (y, ys) = r["forget_loss_auc"], r["test_retain_accuracy"]
+        ax.errorbar(x, y, xerr=xs or None, yerr=ys or None, fmt="o", capsize=3)
+        points[name] = (x, y)
+    for (x, y), label in point_labels(points).items():
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(0.5, color="grey", ls=":", lw=1, label="chance (0.5)")
+    if "Retrain" in points:
+        ax.axvline(points["Retrain"][0], color="green", ls="--", lw=1, label="retrain oracle")
+    ax.set_xlabel("MIA AUC, train forget vs test forget (LOSS score); closer to the oracle is better")
+    ax.set_ylabel("test retain accuracy (%)  ↑ better")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run or eval folders holding metrics.json")
@@ -153,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="also write the markdown table here")
     p.add_argument("--csv", help="also write the table as CSV here")
     p.add_argument("--plot", help="also write the forget-vs-retain trade-off plot (PNG) here")
+    p.add_argument("--mia_plot", help="also write the MIA plot (forget-set MIA AUC against test retain ACC, PNG) here")
     return p
 
 
@@ -163,7 +271,8 @@ def main(argv=None) -> int:
         p.error("--names: give one name per run folder")
     try:
         rows = collect(args.runs, args.names)
-    except FileNotFoundError as e:
+        add_audit(rows)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     splits = shown_splits(rows)
@@ -176,6 +285,8 @@ def main(argv=None) -> int:
         write_csv(summary, Path(args.csv))
     if args.plot:
         plot(summary, Path(args.plot))
+    if args.mia_plot:
+        mia_plot(summary, Path(args.mia_plot))
     return 0
 
 
