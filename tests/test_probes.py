@@ -203,6 +203,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(utils.binding, "load_checked", refuse)
+    monkeypatch.setattr(probes, "load_checked", refuse)
     monkeypatch.setattr(utils.checkpoints, "load_run", refuse)
 
 
@@ -288,7 +289,7 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
         logits[-1].append(out[:, 0].detach().clone())
         return out
 
-    monkeypatch.setattr(utils.evaluation, "evaluate_splits", spy)
+    monkeypatch.setattr(probes, "evaluate_splits", spy)
     monkeypatch.setattr(utils.evaluation, "label_logits", spy_logits)
     out = tmp_path / "probes"
     argv = [str(runs / "qlora"), str(runs / "spul")] + data + ["--forget_names", *PEOPLE, "--names", "QLoRA", "SPUL",
@@ -353,6 +354,7 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     splits = prepare_splits(args)
     for run, row in (("qlora", qrun), ("spul", srun)):
         loaded, _ = load_checked(runs / run, "cpu")
+        logits.append([])  # this direct call's label logits (the spy on probes.evaluate_splits does not see it)
         direct = utils.evaluation.evaluate_splits(loaded.model, Encoder(loaded.tokenizer, 64), splits, 8, "cpu",
                                                   prompt=loaded.prompt, split_names=four)
         assert row["results"]["none"]["metrics"] == _json(direct)

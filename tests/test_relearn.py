@@ -115,6 +115,7 @@ def no_model(monkeypatch):
     import utils.checkpoints
 
     monkeypatch.setattr(utils.binding, "load_checked", refuse)
+    monkeypatch.setattr(relearn, "load_checked", refuse)
     monkeypatch.setattr(utils.checkpoints, "load_run", refuse)
 
 
@@ -214,8 +215,8 @@ def attacked(runs, data_args):
 
     out = runs / "attack"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils.training, "train", train_spy)
-        mp.setattr(utils.evaluation, "evaluate_splits", eval_spy)
+        mp.setattr(relearn, "train", train_spy)
+        mp.setattr(relearn, "evaluate_splits", eval_spy)
         import time
 
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from utils.splits import clean_names
 from utils.template import GENERIC_LABELS, LABEL_WORDS, render
 
 # The instruction_prompt prefix; {names} is the comma-separated list of forgotten names, {label}
@@ -47,11 +48,6 @@ class Guardrail:
 # ---------------------------------------------------------------------------------------------
 # Prefix texts (pure)
 # ---------------------------------------------------------------------------------------------
-
-
-def clean_names(names) -> list[str]:
-    """Stripped, non-empty, first occurrence kept."""
-    return list(dict.fromkeys(n.strip() for n in names or [] if n and n.strip()))
 
 
 def instruction_text(names: list[str], label: str = INSTRUCTION_LABEL) -> str:

@@ -31,6 +31,17 @@ from typing import Callable
 
 from utils import cli, distributed
 from utils.data import SPLITS
+import torch
+from utils.augment import names_from_split
+from utils.binding import load_checked
+from utils.checkpoints import LOADERS
+from utils.data import locate, prepare_splits
+from utils.evaluation import evaluate_splits
+from utils.models import load_tokenizer, select_device, short_reason
+from utils.runs import RunError, atomic_run_dir, check_output, library_versions, read_manifest, write_json
+from utils.splits import name_pattern
+from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS, SUFFIX
+from utils.training import seed_everything
 
 DEFAULT_QUESTION = "What is the sentiment of the given text?"  # the paper's (utils/template.py SUFFIX)
 QUESTION_HEADER = "\n\n### Question: "
@@ -59,7 +70,6 @@ def question_suffix(question: str) -> str:
 
 @lru_cache(maxsize=64)
 def _pattern(names: tuple[str, ...]) -> re.Pattern:
-    from utils.splits import name_pattern
 
     return name_pattern(list(names))
 
@@ -161,7 +171,6 @@ def question_encoder(tokenizer, max_length: int, question: str | None = None):
     """An ``Encoder`` with ``question`` as its question line (None: the paper's). Its
     ``max_length`` is shifted by the change in question length, so every text keeps exactly
     the tokens it keeps under the paper's question: only the question tokens differ."""
-    from utils.template import SUFFIX, Encoder
 
     if question is None:
         return Encoder(tokenizer, max_length)
@@ -234,7 +243,6 @@ def check_args(args) -> list[str]:
         r = Path(run).resolve()
         if out == r or out in r.parents:
             raise cli.UsageError(f"--output_path {args.output_path}: would replace the run folder {run}")
-    from utils.runs import check_output
 
     check_output(Path(args.output_path), args.overwrite)
     return probes
@@ -250,10 +258,6 @@ def row_labels(args) -> list[str]:
 def check_runs(args, probes) -> list[dict]:
     """Every RUN is a run folder of a loadable kind whose tokenizer holds every probe's template
     within --max_length; returns the manifests. Loads tokenizers only."""
-    from utils.checkpoints import LOADERS
-    from utils.models import load_tokenizer, short_reason
-    from utils.runs import RunError, read_manifest
-    from utils.template import GENERIC_LABELS, LABEL_WORDS
 
     manifests = []
     for run in args.runs:
@@ -276,8 +280,6 @@ def resolve_names(args, probes) -> tuple[list[str] | None, str | None]:
         return None, None
     if args.forget_names:
         return list(dict.fromkeys(n.strip() for n in args.forget_names if n.strip())), "--forget_names"
-    from utils.augment import names_from_split
-    from utils.data import locate
 
     names = names_from_split(locate(args.dataset, args.data_dir, args.data_root))
     if not names:
@@ -291,7 +293,6 @@ def resolve_names(args, probes) -> tuple[list[str] | None, str | None]:
 
 def evaluate_run(loaded, probes, splits, probed, changed, args, device) -> dict:
     """{probe: {"applicable", "metrics": {split: metrics}, "reused_from_none": [split, ...]}}."""
-    from utils.evaluation import evaluate_splits
 
     names = [s for s in args.eval_splits if s in splits]
     tok, bs = loaded.tokenizer, args.eval_batch_size
@@ -361,13 +362,7 @@ def main(argv=None):
     manifests = check_runs(args, probes)
     names, source = resolve_names(args, probes)
 
-    import torch
 
-    from utils.binding import load_checked
-    from utils.data import prepare_splits
-    from utils.models import select_device
-    from utils.runs import atomic_run_dir, library_versions, write_json
-    from utils.training import seed_everything
 
     seed_everything(args.seed)
     splits = prepare_splits(args)

@@ -51,8 +51,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from peft import get_peft_model
 
 from utils import cli
+from utils.augment import AugmentError, forgotten_names
+from utils.binding import check_binding, load_checked
+from utils.checkpoints import LOADERS
+from utils.data import encode_frame, prepare_splits, split_fingerprint
+from utils.distributed import launched_world_size
+from utils.evaluation import evaluate_splits
+from utils.forward import label_logits, unwrap
+from utils.losses import ce_per_sample
+from utils.models import load_tokenizer, lora_config, lora_target_modules, select_device, short_reason
+from utils.runs import RunError, atomic_run_dir, check_output, library_versions, read_manifest, write_json
+from utils.splits import clean_names, name_pattern
+from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS
+from utils.training import TrainConfig, seed_everything, train
 
 HELDOUT = ("heldout_train_forget", "heldout_test_forget", "test_retain")
 TITLES = {
@@ -68,14 +82,8 @@ JSON, MARKDOWN, PLOT = "relearn.json", "relearn.md", "relearn.png"
 # ---------------------------------------------------------------------------------------------
 
 
-def clean_names(names) -> list[str]:
-    """Stripped, deduplicated (first spelling kept), blanks dropped."""
-    return list(dict.fromkeys(n.strip() for n in (names or []) if n and n.strip()))
-
-
 def mentions(df: pd.DataFrame, names) -> np.ndarray:
     """Boolean mask: the rows whose text mentions at least one of ``names``."""
-    from utils.splits import name_pattern
 
     names = clean_names(names)
     if not names or len(df) == 0:
@@ -172,7 +180,6 @@ def check_args(args) -> None:
         dup = next(n for n in names if names.count(n) > 1)
         flag = "--names" if args.names else "RUN"
         raise cli.UsageError(f"{flag}: two runs would share the row name '{dup}' (pass distinct --names)")
-    from utils.distributed import launched_world_size
 
     if launched_world_size() > 1:
         raise cli.UsageError("relearn runs in one process; launch it without accelerate/torchrun")
@@ -185,11 +192,6 @@ def row_names(args) -> list[str]:
 def check_runs(args) -> list[dict]:
     """Each RUN is a finished run folder of a loadable kind, bound to the files it points to,
     with a tokenizer that fits ``--max_length``. Returns the manifests."""
-    from utils.binding import check_binding
-    from utils.checkpoints import LOADERS
-    from utils.models import load_tokenizer, short_reason
-    from utils.runs import RunError, read_manifest
-    from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
 
     manifests = []
     for run in args.runs:
@@ -208,7 +210,6 @@ def check_runs(args) -> list[dict]:
 
 
 def resolve_names(args) -> list[str]:
-    from utils.augment import AugmentError, forgotten_names
 
     try:
         names = forgotten_names(args)
@@ -259,7 +260,6 @@ def plan_attack(args, splits) -> dict:
 
 def warn_other_data(args, manifests, splits) -> None:
     """A run unlearned another train_forget (other data flags?): say so, once per run."""
-    from utils.data import split_fingerprint
 
     now = split_fingerprint({"train_forget": splits["train_forget"]})["train_forget"]["sha256"]
     for run, manifest in zip(args.runs, manifests):
@@ -277,7 +277,6 @@ def warn_other_data(args, manifests, splits) -> None:
 def attack_targets(lm) -> list[str]:
     """Leaf names of the causal LM's linear layers (attention and MLP), without the LM head;
     the project's attention-only choice for architectures without plain linear layers."""
-    from utils.models import lora_target_modules
 
     head = lm.get_output_embeddings()
     names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if n and isinstance(m, torch.nn.Linear) and m is not head}
@@ -286,8 +285,6 @@ def attack_targets(lm) -> list[str]:
 
 def label_ce(prompt):
     """``loss_fn`` for ``train``: cross-entropy on the label tokens, ``prompt`` prepended."""
-    from utils.forward import label_logits
-    from utils.losses import ce_per_sample
 
     def loss_fn(model, batch):
         loss = ce_per_sample(label_logits(model, batch, prompt=prompt), batch["label_ids"]).mean()
@@ -331,15 +328,7 @@ def epochs_for(steps: int, rows: int, batch_size: int) -> float:
 
 def attack_run(args, run, device, sets) -> dict:
     """Load ``run``, attack it, and return its record (accuracy per step per held-out set)."""
-    from peft import get_peft_model
 
-    from utils.binding import load_checked
-    from utils.data import encode_frame
-    from utils.evaluation import evaluate_splits
-    from utils.forward import unwrap
-    from utils.models import lora_config
-    from utils.template import Encoder
-    from utils.training import TrainConfig, seed_everything, train
 
     loaded, forced = load_checked(run, device, args.force, flag="RUN")
     prompt = loaded.prompt.detach() if loaded.prompt is not None else None
@@ -444,10 +433,6 @@ def plot(result: dict, path: Path) -> None:
 
 @cli.entry_point
 def main(argv=None):
-    from utils.data import prepare_splits
-    from utils.models import select_device
-    from utils.runs import atomic_run_dir, check_output, library_versions, write_json
-    from utils.training import seed_everything
 
     args = build_parser().parse_args(argv)
     check_args(args)

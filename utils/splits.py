@@ -180,8 +180,13 @@ def name_pattern(names: list[str]) -> re.Pattern:
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
 
 
+def clean_names(names) -> list[str]:
+    """Names stripped, blanks dropped, duplicates removed (first spelling kept)."""
+    return list(dict.fromkeys(n.strip() for n in (names or []) if n and n.strip()))
+
+
 def _clean_names(names: list[str] | None) -> list[str]:
-    cleaned = list(dict.fromkeys(n.strip() for n in (names or []) if n and n.strip()))
+    cleaned = clean_names(names)
     if not cleaned:
         raise SplitError("--names: the entities recipe needs at least one name (--names or --names_file)")
     return cleaned
