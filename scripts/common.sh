@@ -78,11 +78,14 @@ DATA=(--dataset "$DATASET")
 # shellcheck disable=SC2206
 DATA+=($CAPS)
 
-# stage NAME RUN_DIR CMD...: run CMD unless RUN_DIR already holds a finished run
+# stage NAME RUN_DIR CMD...: run CMD unless RUN_DIR already holds a finished run (its
+# metrics.json; RUN_DIR may instead name the .json file that marks the stage as finished)
 stage() {
   local name=$1 dir=$2; shift 2
+  local done=$dir/metrics.json
+  [[ $dir == *.json ]] && done=$dir
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$*"; return; fi
-  if [ -f "$dir/metrics.json" ]; then echo "[$name] reusing $dir"; return; fi
+  if [ -f "$done" ]; then echo "[$name] reusing ${dir%/*.json}"; return; fi
   echo "[$name] $(date +%H:%M:%S) $*"
   local t0=$SECONDS
   "$@" || { echo "error: stage '$name' failed (command above); later stages not run" >&2; exit 1; }

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh", "spul_long.sh"]
 ENTRY = {"inference_spul.py": "inference_spul", "qlora.py": "qlora", "spul.py": "spul",
-         "baselines.py": "baselines", "utils.report": "utils.report", "utils.select": "utils.select"}
+         "baselines.py": "baselines", "utils.report": "utils.report", "utils.select": "utils.select",
+         "utils.relearn": "utils.relearn", "utils.probes": "utils.probes"}
 
 
 def dry_run(script, **env):
@@ -52,6 +53,22 @@ def test_table2_runs_every_method_and_seed():
     assert all(a.max_val_retain == 128 and a.max_val_forget == 64 for t, a in parsed if t != "utils.report")
     spul = [a for t, a in parsed if t == "spul.py"]
     assert len(spul) == 2 and all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spul)
+    oracles = [a for t, a in parsed if t == "qlora.py" and a.retain_only]
+    assert sorted(a.seed for a in oracles) == [7, 8] and all(a.output_path.endswith(f"retrain-s{a.seed}") for a in oracles)
+    qloras = [a for t, a in parsed if t == "qlora.py" and not a.retain_only]
+    assert [(a.lr, a.num_epochs, a.train_batch_size) for a in oracles] == [(a.lr, a.num_epochs, a.train_batch_size) for a in qloras]
+    report = parsed[-1][1]
+    assert sum(r.endswith("retrain-s7") for r in report.runs) == 1 and report.mia_plot
+
+
+def test_audit_attacks_spul_the_chosen_baseline_and_the_oracle():
+    cmds = dry_run("audit.sh", AUDIT_BASELINE="runs/main/npo-s42")
+    parsed = [parse(c) for c in cmds]
+    assert [t for t, _ in parsed] == ["utils.relearn", "utils.probes"]
+    relearn, probes = parsed[0][1], parsed[1][1]
+    assert relearn.runs == ["runs/main/spul-s42", "runs/main/npo-s42", "runs/main/retrain-s42"]
+    assert relearn.steps == [10, 25, 50] and relearn.lr == 1e-3 and relearn.max_test_retain == 128
+    assert probes.runs == ["runs/main/spul-s42", "runs/main/npo-s42"]
 
 
 def test_spul_long_reuses_the_main_job():

@@ -83,3 +83,18 @@ def test_cli_writes_json_and_env_and_refuses_runs_without_val(tmp_path, capsys):
     (bad / "manifest.json").write_text(json.dumps({"kind": "spul"}))
     assert select.main(["--reference", str(ref), "--runs", str(bad)]) == 2
     assert "no metrics for val_retain" in capsys.readouterr().err
+
+
+def test_best_pools_methods_and_follows_eval_folders_to_their_run(tmp_path, capsys):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    ga = run(tmp_path / "ga", "baseline", 60.0, 10.0, 10.0, method="gradient_ascent", lr=1e-5)  # forgets, breaks retain
+    gd = run(tmp_path / "gd", "baseline", 78.0, 70.0, 60.0, method="gradient_ascent_descent", lr=1e-5)  # forget 65
+    npo_run = run(tmp_path / "npo", "baseline", 79.0, 80.0, 90.0, method="npo", lr=1e-6)  # forget 85
+    ev = tmp_path / "gd-eval"  # an eval folder of gd, as table2.sh makes for the selection seed
+    run(ev, "eval", 78.0, 70.0, 60.0)
+    (ev / "manifest.json").write_text(json.dumps({"kind": "eval", "source": str(gd),
+                                                  "evaluated": {"kind": "baseline", "method": "gradient_ascent_descent"}}))
+    assert select.main(["--reference", str(ref), "--runs", str(ga), str(npo_run), str(ev), "--best"]) == 0
+    assert capsys.readouterr().out.strip() == str(gd)
+    assert select.main(["--reference", str(ref), "--runs", str(ga), str(npo_run), str(gd), "--best"]) == 0
+    assert capsys.readouterr().out.strip() == str(gd)

@@ -15,6 +15,10 @@ A method none of whose runs meets the constraint gets the run with the highest v
 (the setting that damages the model least) and is marked ``"constraint_met": false``.
 
     python -m utils.select --reference RUN_QLORA --runs RUN [RUN ...] --json selected.json --env selected.env
+
+``--best`` pools the runs of every method and prints the one run folder the same criterion picks
+(``scripts/audit.sh`` audits that baseline beside SPUL). An eval folder (``inference_spul.py``)
+counts as the run it evaluated, and ``--best`` prints that run's folder.
 """
 from __future__ import annotations
 
@@ -44,6 +48,11 @@ def read_run(folder: Path) -> dict:
         if not (folder / f).is_file():
             raise SelectionError(f"{folder}: no {f} (not a finished run)")
     metrics, config, manifest = read_json(folder / METRICS), read_json(folder / CONFIG), read_json(folder / MANIFEST)
+    trained = folder
+    if manifest.get("kind") == "eval":  # an evaluation of a run: that run's method and flags
+        trained = Path(manifest["source"])
+        manifest = manifest["evaluated"]
+        config = read_json(trained / CONFIG) if (trained / CONFIG).is_file() else {}
     missing = [s for s in READ if s not in metrics]
     if missing:
         raise SelectionError(f"{folder}: no metrics for {', '.join(missing)} (run it with validation splits)")
@@ -52,7 +61,7 @@ def read_run(folder: Path) -> dict:
     off = {"counterfactual_retain": 0}  # flags whose default value means "not given"
     flags = {k: config.get(k) for k in TUNED.get(kind, ())
              if config.get(k) is not None and config.get(k) is not False and config.get(k) != off.get(k, object())}
-    return {"run": str(folder), "method": method, "flags": flags, "seed": config.get("seed"),
+    return {"run": str(folder), "trained_run": str(trained), "method": method, "flags": flags, "seed": config.get("seed"),
             **{s: float(metrics[s]["accuracy"]) for s in READ}}
 
 
@@ -111,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
     p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
     p.add_argument("--env", help="write SEL_<METHOD>=\"flags\" lines here (sourced by the table recipes)")
+    p.add_argument("--best", action="store_true",
+                   help="pool every method's runs and print only the folder of the run the criterion picks (the trained "
+                        "run, for an eval folder)")
     return p
 
 
@@ -118,6 +130,15 @@ def main(argv=None) -> int:
     from utils.runs import write_json
 
     args = build_parser().parse_args(argv)
+    if args.best:
+        try:
+            ref = read_json(Path(args.reference) / METRICS)
+            best = choose([read_run(Path(d)) for d in args.runs], float(ref["val_retain"]["accuracy"]), args.max_drop)
+        except (SelectionError, FileNotFoundError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(best["trained_run"])
+        return 0
     try:
         selection = select_all(Path(args.reference), args.runs, args.max_drop)
     except (SelectionError, FileNotFoundError) as e:
