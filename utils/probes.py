@@ -136,7 +136,6 @@ def name_surname(text: str, names) -> str:
 class Probe:
     """One input change: a question paraphrase, a text transform, or the prompt removal (at
     most one of them; none of them: the reference)."""
-
     description: str
     question: str | None = None  # template probe: the question line
     transform: Callable[[str, list[str]], str] | None = None  # name probe: (text, names) -> text
@@ -171,7 +170,6 @@ def question_encoder(tokenizer, max_length: int, question: str | None = None):
     """An ``Encoder`` with ``question`` as its question line (None: the paper's). Its
     ``max_length`` is shifted by the change in question length, so every text keeps exactly
     the tokens it keeps under the paper's question: only the question tokens differ."""
-
     if question is None:
         return Encoder(tokenizer, max_length)
     suffix = question_suffix(question)
@@ -258,7 +256,6 @@ def row_labels(args) -> list[str]:
 def check_runs(args, probes) -> list[dict]:
     """Every RUN is a run folder of a loadable kind whose tokenizer holds every probe's template
     within --max_length; returns the manifests. Loads tokenizers only."""
-
     manifests = []
     for run in args.runs:
         manifests.append(read_manifest(Path(run), "RUN", tuple(LOADERS)))
@@ -293,7 +290,6 @@ def resolve_names(args, probes) -> tuple[list[str] | None, str | None]:
 
 def evaluate_run(loaded, probes, splits, probed, changed, args, device) -> dict:
     """{probe: {"applicable", "metrics": {split: metrics}, "reused_from_none": [split, ...]}}."""
-
     names = [s for s in args.eval_splits if s in splits]
     tok, bs = loaded.tokenizer, args.eval_batch_size
     base = question_encoder(tok, args.max_length)

@@ -84,7 +84,6 @@ JSON, MARKDOWN, PLOT = "relearn.json", "relearn.md", "relearn.png"
 
 def mentions(df: pd.DataFrame, names) -> np.ndarray:
     """Boolean mask: the rows whose text mentions at least one of ``names``."""
-
     names = clean_names(names)
     if not names or len(df) == 0:
         return np.zeros(len(df), dtype=bool)
@@ -192,7 +191,6 @@ def row_names(args) -> list[str]:
 def check_runs(args) -> list[dict]:
     """Each RUN is a finished run folder of a loadable kind, bound to the files it points to,
     with a tokenizer that fits ``--max_length``. Returns the manifests."""
-
     manifests = []
     for run in args.runs:
         manifest = read_manifest(Path(run), "RUN", tuple(LOADERS))
@@ -260,7 +258,6 @@ def plan_attack(args, splits) -> dict:
 
 def warn_other_data(args, manifests, splits) -> None:
     """A run unlearned another train_forget (other data flags?): say so, once per run."""
-
     now = split_fingerprint({"train_forget": splits["train_forget"]})["train_forget"]["sha256"]
     for run, manifest in zip(args.runs, manifests):
         was = (manifest.get("splits") or {}).get("train_forget", {}).get("sha256")
@@ -277,7 +274,6 @@ def warn_other_data(args, manifests, splits) -> None:
 def attack_targets(lm) -> list[str]:
     """Leaf names of the causal LM's linear layers (attention and MLP), without the LM head;
     the project's attention-only choice for architectures without plain linear layers."""
-
     head = lm.get_output_embeddings()
     names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if n and isinstance(m, torch.nn.Linear) and m is not head}
     return sorted(names) or lora_target_modules(lm)
@@ -285,7 +281,6 @@ def attack_targets(lm) -> list[str]:
 
 def label_ce(prompt):
     """``loss_fn`` for ``train``: cross-entropy on the label tokens, ``prompt`` prepended."""
-
     def loss_fn(model, batch):
         loss = ce_per_sample(label_logits(model, batch, prompt=prompt), batch["label_ids"]).mean()
         return loss, {"ce": loss.item()}
@@ -296,7 +291,6 @@ def label_ce(prompt):
 class StepEvaluator:
     """Wraps a ``loss_fn``: before the loss of step s + 1 (the weights are then those after s
     optimiser steps) it calls ``evaluate()`` when s is one of ``at``, and keeps the result."""
-
     def __init__(self, loss_fn, evaluate, at):
         self.loss_fn, self.evaluate, self.at = loss_fn, evaluate, set(at)
         self.done = 0  # optimiser steps taken before the current call
@@ -328,8 +322,6 @@ def epochs_for(steps: int, rows: int, batch_size: int) -> float:
 
 def attack_run(args, run, device, sets) -> dict:
     """Load ``run``, attack it, and return its record (accuracy per step per held-out set)."""
-
-
     loaded, forced = load_checked(run, device, args.force, flag="RUN")
     prompt = loaded.prompt.detach() if loaded.prompt is not None else None
     snapshot = prompt.clone() if prompt is not None else None
@@ -433,7 +425,6 @@ def plot(result: dict, path: Path) -> None:
 
 @cli.entry_point
 def main(argv=None):
-
     args = build_parser().parse_args(argv)
     check_args(args)
     out = Path(args.output_path)
