@@ -31,7 +31,7 @@ from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
-from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run
+from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
 
@@ -193,6 +193,7 @@ def main(argv=None):
     out = Path(args.output_path or default_output(args))
     check_output(out, args.overwrite)
     qlora_manifest = read_manifest(Path(args.model_checkpoints), kinds=("qlora",)) if args.model_checkpoints else None
+    warn_if_oracle(qlora_manifest, args.model_checkpoints)
     seed_everything(args.seed)
     splits = prepare_splits(args)
     if method.training_free:

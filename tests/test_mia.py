@@ -97,3 +97,23 @@ def test_a_runs_audit_equals_the_figures_recomputed_from_its_records(tmp_path, t
     assert mia.mia_metrics(per_split) == audit["mia"]
     assert set(audit["mia"]) == {"forget", "retain"}
     assert all(0 <= v <= 1 for side in audit["mia"].values() for v in side.values())
+
+
+def test_retrain_oracle_trains_on_train_retain_only_and_unlearning_it_warns(tmp_path, tiny_model_dir, tiny_data_args, monkeypatch, capsys):
+    import qlora
+    import spul
+
+    seen = []
+    real = qlora.train
+    monkeypatch.setattr(qlora, "train", lambda model, params, loss, feats, *a, **k: seen.append(feats) or real(model, params, loss, feats, *a, **k))
+    out = tmp_path / "retrain"
+    qlora.main(["--model_name", tiny_model_dir, "--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-3",
+                "--no_quantize", "--retain_only", "--output_path", str(out)] + tiny_data_args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(seen[0]) == metrics["train_retain"]["n"] and not any(f["is_forget"] for f in seen[0])
+    assert json.loads((out / "manifest.json").read_text())["retain_only"] is True
+    assert "train_forget" in metrics and "forget" in json.loads((out / "audit.json").read_text())["mia"]  # still evaluated
+    capsys.readouterr()
+    spul.main(["--model_checkpoints", str(out), "--num_epochs", "1", "--ptuning_num_tokens", "2", "--ptuning_hidden_size", "8",
+               "--output_path", str(tmp_path / "spul")] + tiny_data_args)
+    assert "a retrain oracle (trained without the forget set)" in capsys.readouterr().err

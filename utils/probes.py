@@ -70,7 +70,6 @@ def question_suffix(question: str) -> str:
 
 @lru_cache(maxsize=64)
 def _pattern(names: tuple[str, ...]) -> re.Pattern:
-
     return name_pattern(list(names))
 
 

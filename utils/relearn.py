@@ -208,7 +208,6 @@ def check_runs(args) -> list[dict]:
 
 
 def resolve_names(args) -> list[str]:
-
     try:
         names = forgotten_names(args)
     except AugmentError as e:

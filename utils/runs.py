@@ -87,6 +87,14 @@ def read_manifest(run_dir: Path, flag: str = "--model_checkpoints", kinds: tuple
     return manifest
 
 
+def warn_if_oracle(manifest: dict | None, run_dir, flag: str = "--model_checkpoints") -> None:
+    """One warning line when an unlearning run starts from a retrain oracle (qlora.py
+    --retain_only), which never saw the forget set: there is nothing to unlearn."""
+    if manifest and manifest.get("retain_only"):
+        print(f"warning: {flag} {run_dir}: a retrain oracle (trained without the forget set); unlearning it "
+              f"measures nothing (unlearn the QLoRA run trained on train_retain + train_forget)", file=sys.stderr)
+
+
 def run_manifest(kind: str, args, model_path: str, splits: dict, **extra) -> dict:
     """What binds a run's artefacts to the model, data and code they came from."""
     from utils.data import split_fingerprint

@@ -20,9 +20,10 @@ def check_sources(args) -> None:
     another model (unless --force). Sets ``args.model_name`` to the base model that will be used."""
     from utils.binding import BindingMismatch
     from utils.models import DEFAULT_MODEL, resolve_model, weights_hash
-    from utils.runs import read_manifest
+    from utils.runs import read_manifest, warn_if_oracle
 
     qlora = read_manifest(Path(args.model_checkpoints), "--model_checkpoints", ("qlora",)) if args.model_checkpoints else None
+    warn_if_oracle(qlora, args.model_checkpoints)
     if qlora and args.model_name and resolve_model(args.model_name) != resolve_model(qlora["base_model"]):
         raise UsageError(
             f"--model_name {args.model_name}: conflicts with --model_checkpoints {args.model_checkpoints}, "
