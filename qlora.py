@@ -16,7 +16,7 @@ from utils import cli, distributed
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
 from utils.forward import label_logits
-from utils.losses import ce_per_sample
+from utils.losses import batch_mean, ce_per_sample, global_count
 from utils.models import (
     load_model,
     load_tokenizer,
@@ -52,9 +52,13 @@ def build_parser():
 
 
 def label_ce(model, batch):
-    """Cross-entropy on the label token(s) only, averaged per sample then over the batch."""
-    loss = ce_per_sample(label_logits(model, batch), batch["label_ids"]).mean()
+    """Cross-entropy on the label token(s) only, averaged per sample then over the batch (over
+    the whole optimiser step with ``batch["global_counts"]``)."""
+    loss = batch_mean(ce_per_sample(label_logits(model, batch), batch["label_ids"]), global_count(batch, "all"))
     return loss, {"ce": loss.item()}
+
+
+label_ce.global_counts = True  # utils.training.train: normalised by the step's sample count
 
 
 @cli.entry_point

@@ -1,7 +1,8 @@
 """Several processes on CPU (gloo): spul.py and inference_spul.py under
 ``accelerate launch --multi_gpu --num_processes 2`` write one run folder, evaluate every example
-exactly once, and give the same metrics as one process; the training loop averages gradients
-over the ranks (every rank ends with the same weights, equal to one process on the whole batch).
+exactly once, and give the same metrics as one process; the training loop (accelerate, DDP) gives
+the losses, gradients and weights of one process on the whole batch (tests/dist_worker.py),
+however the forget samples fall on the ranks; gradient accumulation equals one larger batch.
 
 Note: ``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is set up
 (``--mpirun_hostfile``); ``--multi_gpu`` is the launcher mode that starts N processes, and on a
@@ -100,64 +101,72 @@ def test_spul_and_inference_under_accelerate_launch_with_two_processes(tmp_path)
     assert read(runs / "eval2" / "manifest.json")["evaluated"]["kind"] == "spul"
 
 
-# --- the training loop's gradient averaging, with two forked ranks (no interpreter start-up) ---
+# --- exact losses, gradients and weights: two processes == one process -------------------------
 
-def make_model():
-    """A tiny LoRA model without dropout (dropout masks depend on how a batch is split)."""
-    from peft import get_peft_model
-
-    from utils.models import lora_config, tiny_llama
-
-    torch.manual_seed(1)
-    return get_peft_model(tiny_llama(64, seed=0), lora_config(dropout=0.0, target_modules=["q_proj", "v_proj"]))
-
-
-def _rank_main(rank, world, port, out_dir):
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from safetensors.torch import save_file
-
-    from tests.test_training import features, loss_fn
-    from utils.training import TrainConfig, train
-
-    model = make_model()
-    if rank == 1:  # a different start: the broadcast from rank 0 must overwrite it
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(1.0)
-    stats = train(model, model.parameters(), loss_fn, features(), TrainConfig(lr=1e-2, num_epochs=1, batch_size=5, seed=3), "cpu", 0)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(Path(out_dir) / f"rank{rank}.safetensors"))
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"steps": stats.steps, "processes": stats.processes,
-                                                                "tokens": stats.train_tokens}))
-    distributed._shutdown()
-
-
-def test_training_averages_gradients_over_ranks(tmp_path):
-    import torch.multiprocessing as mp
+def test_two_processes_give_one_process_losses_gradients_and_weights(tmp_path):
+    """SPUL (L_f, L_r, L_kl), GA+GD (full fine-tuning), NPO+RT (LoRA, adapter-off reference) and
+    GA+GD with 2 accumulation steps, on step batches that put all forget samples on one rank,
+    [F,R | R,R], an odd batch, and a one-sample batch (rank 1 idle): the same logged loss and
+    terms, the same gradient at every step and the same trained weights as one process."""
     from safetensors.torch import load_file
 
-    from tests.test_training import features, loss_fn
-    from utils.training import TrainConfig, train
+    from tests import dist_worker
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         assert k not in os.environ
-    mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork", join=True)
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # synchronised: every rank holds the same weights
-    info = read(tmp_path / "rank0.json")
-    assert info["processes"] == 2 and info["steps"] == 4  # 20 examples, global batch 5 (shards of 3 and 2)
+    launch("tests/dist_worker.py", tmp_path)
+    for name in dist_worker.CASES:
+        stats, weights, grads = dist_worker.run_case(name)  # one process, same batches
+        two = read(tmp_path / f"{name}.json")
+        r0 = load_file(str(tmp_path / f"{name}.rank0.safetensors"))
+        r1 = load_file(str(tmp_path / f"{name}.rank1.safetensors"))
+        assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0), name  # every rank: same weights
+        assert two["processes"] == 2 and stats.processes == 1 and two["steps"] == stats.steps == 4, name
+        assert two["train_tokens"] == stats.train_tokens, name
+        for (s2, l2, t2), (s1, l1, t1) in zip(two["losses"], stats.losses, strict=True):
+            assert s2 == s1 and abs(l2 - l1) <= 1e-6, (name, s1, l1, l2)
+            assert t2.keys() == t1.keys() and all(abs(t2[k] - t1[k]) <= 1e-6 for k in t1), (name, s1, t1, t2)
+        assert len(grads) == 4
+        for step, g in enumerate(grads):
+            for k, v in g.items():
+                assert torch.allclose(r0[f"g{step}.{k}"], v, rtol=0, atol=1e-6), (name, step, k, (r0[f"g{step}.{k}"] - v).abs().max())
+        for k, v in weights.items():
+            assert torch.allclose(r0[f"w.{k}"], v, rtol=0, atol=1e-6), (name, k, (r0[f"w.{k}"] - v).abs().max())
+    # a NaN loss on rank 1 only: both ranks stop at step 1, as one process would
+    for r in (0, 1):
+        assert (tmp_path / f"diverged.rank{r}.txt").read_text().startswith("non-finite loss (nan) at step 1"), r
+    # the terms that matter were there: forget and retain terms moved, the weights trained
+    spul = read(tmp_path / "spul.json")["losses"]
+    assert all(t["L_f"] > 0 and t["L_r"] > 0 for _, _, t in spul[:2]) and spul[3][2]["L_f"] == 0.0
+    start = dist_worker.make_case("gagd")[0].state_dict()
+    r0 = load_file(str(tmp_path / "gagd.rank0.safetensors"))
+    assert not torch.allclose(start["model.layers.0.self_attn.q_proj.weight"], r0["w.model.layers.0.self_attn.q_proj.weight"])
 
-    # one process on the whole global batches: the same weights (mean CE = example-weighted shard means)
-    model = make_model()
-    stats = train(model, model.parameters(), loss_fn, features(), TrainConfig(lr=1e-2, num_epochs=1, batch_size=5, seed=3), "cpu", 0)
-    one = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    assert info["tokens"] == stats.train_tokens
-    assert all(torch.allclose(one[k], r0[k], atol=1e-5, rtol=1e-4) for k in one)
-    start = {n: p.detach() for n, p in make_model().named_parameters() if p.requires_grad}
-    assert not all(torch.allclose(start[k], r0[k], atol=1e-5) for k in start)  # it did train
+
+def test_gradient_accumulation_equals_one_larger_batch():
+    """One process: 2 x batch 4 (accumulated) trains exactly as batch 8, for a loss with forget
+    and retain terms (GA+GD) and for SPUL."""
+    from unittest import mock
+
+    from tests import dist_worker
+    from utils import training
+
+    feats = dist_worker.features()
+    batches = lambda n, b, *a, **k: [[0, 4, 5, 6, 1, 7, 8, 9], [2, 3, 10, 11, 12]]  # noqa: E731  (3+5 forget/retain split unevenly over micro-batches)
+    for case in ("gagd", "spul"):
+        out = []
+        for batch_size, accum in ((8, 1), (4, 2)):
+            torch.manual_seed(0)
+            model, params, loss_fn = dist_worker.make_case(case)
+            cfg = training.TrainConfig(lr=1e-3, num_epochs=1, batch_size=batch_size, gradient_accumulation_steps=accum,
+                                       warmup_ratio=0.0, seed=0, log_every=1)
+            with mock.patch.object(training, "epoch_batches", batches):
+                stats = training.train(model, params, loss_fn, feats, cfg, "cpu", 0)
+            out.append((stats, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (big, w8), (acc, w4) = out
+        assert big.steps == acc.steps == 2 and acc.gradient_accumulation_steps == 2
+        assert all(abs(a[1] - b[1]) <= 1e-6 for a, b in zip(big.losses, acc.losses, strict=True)), case
+        assert all(torch.allclose(w8[k], w4[k], rtol=0, atol=1e-6) for k in w8), case
 
 
 def test_merge_by_index_drops_padding_duplicates_and_refuses_gaps():
@@ -166,3 +175,15 @@ def test_merge_by_index_drops_padding_duplicates_and_refuses_gaps():
     assert distributed.merge_by_index(parts, 5) == ["a", "b", "c", "d", "e"]
     with pytest.raises(RuntimeError, match="lost 1 of 5"):
         distributed.merge_by_index([([0, 1, 2], list("abc")), ([4], ["e"])], 5)
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp_7b_full", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_committed_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "scripts" / "accelerate" / f"{name}.yaml"))
+    assert str(config.distributed_type).split(".")[-1] == kind
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 1 and config.fsdp_config["fsdp_use_orig_params"] is True
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2 and "gradient_accumulation_steps" not in config.deepspeed_config

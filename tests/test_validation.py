@@ -241,8 +241,15 @@ def test_run_folder_without_its_tokenizer(runs, data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("entry", ENTRY)
-@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_accelerate_launch_is_refused(entry, var, name, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(var, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
+def test_megatron_accelerate_launch_is_refused(entry, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_MEGATRON_LM", "true")  # what `accelerate launch` sets for a Megatron-LM config
     err = refused(capsys, tmp_path, entry, argv(entry, tiny_model_dir, data, tmp_path / "out"))
-    assert f"accelerate launch: {name} is not supported ({var} is set)" in err
+    assert "accelerate launch: Megatron-LM is not supported (ACCELERATE_USE_MEGATRON_LM is set)" in err
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_fsdp_and_deepspeed_launch_configs_are_accepted(var, monkeypatch):
+    from utils import cli
+
+    monkeypatch.setenv(var, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
+    cli.check_launcher()  # accepted: accelerate shards the training (utils.training)

@@ -8,7 +8,10 @@ label-position logits (B, K, V) (see ``utils.forward.label_logits``) and the bat
 ``label_ids`` and ``is_forget``; ``ref`` is a :class:`RefBatch` (the frozen pre-unlearning
 model's view of the same samples) and ``weights`` a :class:`Weights`. Forget and retain samples
 mix in the same shuffled batches; each term is averaged over its own samples in the batch and
-is 0 when the batch has none (``masked_mean``).
+is 0 when the batch has none (``masked_mean``). With ``batch["global_counts"]`` (set by
+``utils.training.train`` for several processes or gradient accumulation) each term is instead
+this batch's sum over its samples divided by their number in the whole optimiser step
+(``utils.losses.global_count``), so that the terms of all forwards add up to the step's means.
 
 The reference
 -------------
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 
 from utils import guardrails
 from utils.forward import label_logits, to_device
-from utils.losses import ce_per_sample, kl_per_sample, masked_mean, sequence_logprob
+from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean, sequence_logprob
 from utils.template import IGNORE, collate
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +116,18 @@ class Weights:
 # ---------------------------------------------------------------------------------------------
 
 
+def _forget_mean(values, batch):
+    """Mean of per-sample ``values`` over the forget samples (of the step, with global counts)."""
+    return masked_mean(values, batch["is_forget"], global_count(batch, "forget"))
+
+
+def _retain_mean(values, batch):
+    """Mean of per-sample ``values`` over the retain samples (of the step, with global counts)."""
+    return masked_mean(values, ~batch["is_forget"], global_count(batch, "retain"))
+
+
 def _forget_ce(logits, batch):
-    return masked_mean(ce_per_sample(logits, batch["label_ids"]), batch["is_forget"])
+    return _forget_mean(ce_per_sample(logits, batch["label_ids"]), batch)
 
 
 def gradient_ascent(logits, batch, ref, weights):
@@ -133,14 +146,14 @@ def gradient_ascent_kl(logits, batch, ref, weights):
     """-CE on forget samples + w * KL(reference || current) on retain samples."""
     ce = _forget_ce(logits, batch)
     # no distribution when the KL weight is 0 (then the method trains on the forget set only)
-    kl = masked_mean(ref.dist.kl(logits, batch["label_ids"]), ~batch["is_forget"]) if ref.dist is not None else logits.new_zeros(())
+    kl = _retain_mean(ref.dist.kl(logits, batch["label_ids"]), batch) if ref.dist is not None else logits.new_zeros(())
     return -ce + weights.retain * kl, {"forget_ce": ce.item(), "retain_kl": kl.item()}
 
 
 def gradient_ascent_descent(logits, batch, ref, weights):
     """-CE on forget samples + w * CE on retain samples."""
     ce = _forget_ce(logits, batch)
-    rce = masked_mean(ce_per_sample(logits, batch["label_ids"]), ~batch["is_forget"])
+    rce = _retain_mean(ce_per_sample(logits, batch["label_ids"]), batch)
     return -ce + weights.retain * rce, {"forget_ce": ce.item(), "retain_ce": rce.item()}
 
 
@@ -154,8 +167,8 @@ def npo(logits, batch, ref, weights):
     forget = batch["is_forget"]
     logp = sequence_logprob(logits, batch["label_ids"])
     ref_logp = torch.where(forget, ref.logprob, logp.detach())  # entries exist for forget samples only
-    loss_f = masked_mean(npo_per_sample(logp, ref_logp, weights.npo_beta), forget)
-    rce = masked_mean(ce_per_sample(logits, batch["label_ids"]), ~forget)
+    loss_f = _forget_mean(npo_per_sample(logp, ref_logp, weights.npo_beta), batch)
+    rce = _retain_mean(ce_per_sample(logits, batch["label_ids"]), batch)
     return loss_f + weights.retain * rce, {"forget_npo": loss_f.item(), "retain_ce": rce.item()}
 
 
@@ -383,6 +396,7 @@ def make_loss_fn(method: Method, reference, weights: Weights):
         ref = reference.lookup(model, batch)
         return method.loss(label_logits(model, batch), batch, ref, weights)
 
+    loss_fn.global_counts = True  # every method's terms follow batch["global_counts"]
     return loss_fn
 
 

@@ -60,7 +60,9 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--num_epochs", type=float, default=epochs, help="training epochs (a fraction trains on part of the last epoch)")
-    g.add_argument("--train_batch_size", type=int, default=batch, help="examples per optimiser step")
+    g.add_argument("--train_batch_size", type=int, default=batch,
+                   help="examples per forward, summed over all processes (per optimiser step: this times "
+                        "--gradient_accumulation_steps)")
     g.add_argument("--eval_batch_size", type=int, default=batch, help="examples per evaluation forward")
     g.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=float, default=warmup, help="share of steps with linear warmup before the cosine decay")
@@ -80,6 +82,16 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (same command and flags; "
                         "starts from step 0 when there is none)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, metavar="K",
+                   help="micro-batches of --train_batch_size per optimiser step: a step averages over "
+                        "train_batch_size * K examples, exactly as one batch of that size would (the loss terms are "
+                        "normalised by the step's counts)")
+    g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast precision of the training forward (accelerate): auto is bf16 on a CUDA GPU that "
+                        "supports it, fp16 on older GPUs, no (fp32) on CPU; overrides accelerate launch's own setting")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="activation checkpointing during training (CUDA only; ignored with a warning on CPU): less "
+                        "memory for one more forward; SPUL then prepends the prompt instead of using its KV cache")
 
 
 def add_output_args(p) -> None:
@@ -104,6 +116,8 @@ def check_common(args) -> None:
     set_threads(args)
     if getattr(args, "save_every", 0) < 0:
         raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
+    if getattr(args, "gradient_accumulation_steps", 1) < 1:
+        raise UsageError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be at least 1")
     if getattr(args, "group_by_length", 0) < 0:
         raise UsageError(f"--group_by_length {args.group_by_length}: must be >= 0 (0: plain shuffled batches)")
     positive = ("lr", "num_epochs", "train_batch_size", "eval_batch_size", "max_length")
@@ -130,21 +144,15 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-UNSUPPORTED_LAUNCH = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
-
-
 def check_launcher() -> None:
-    """The training loop is data-parallel (every process holds the whole model): refuse an
-    ``accelerate launch`` configured for sharded training rather than silently ignore it."""
+    """``accelerate launch`` configs for DDP, FSDP and DeepSpeed are all accepted: the training
+    loop runs on accelerate (``utils.training``). Only Megatron-LM, which needs a model written
+    for it, is refused."""
     import os
 
-    for var, name in UNSUPPORTED_LAUNCH:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes"):
-            raise UsageError(
-                f"accelerate launch: {name} is not supported ({var} is set); this toolkit runs data-parallel "
-                f"(DDP-style, one whole model per process): use a multi-GPU config without {name}, or --lora for large models"
-            )
+    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "").strip().lower() in ("1", "true", "yes"):
+        raise UsageError("accelerate launch: Megatron-LM is not supported (ACCELERATE_USE_MEGATRON_LM is set); "
+                         "use a DDP, FSDP or DeepSpeed config")
 
 
 def user_errors() -> tuple[type, ...]:
@@ -243,7 +251,8 @@ def run_fingerprint(args, splits) -> dict:
 
 def check_resume(args, out, splits) -> dict:
     """Before any model is loaded: with ``--resume``, the checkpoint next to ``out`` must come
-    from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing and batching."""
+    from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing, batching,
+    accumulation and precision."""
     from utils import distributed
     from utils.training import read_checkpoint_info
 
@@ -265,7 +274,10 @@ def check_resume(args, out, splits) -> dict:
         print(f"warning: {folder} holds a checkpoint of an interrupted run (step {found['steps']}); "
               f"starting over (pass --resume to continue it)", file=sys.stderr)
     return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint,
-            "group_by_length": getattr(args, "group_by_length", 0), "stratify_batches": getattr(args, "stratify_batches", False)}
+            "group_by_length": getattr(args, "group_by_length", 0), "stratify_batches": getattr(args, "stratify_batches", False),
+            "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1),
+            "mixed_precision": getattr(args, "mixed_precision", "no"),
+            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False)}
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:

@@ -1,30 +1,28 @@
-"""Several processes (``accelerate launch`` / ``torchrun``): data-parallel training and
-evaluation over ``torch.distributed``, with a no-op single-process path.
+"""Several processes (``accelerate launch`` / ``torchrun``) on top of accelerate's
+``PartialState``, with a no-op single-process path.
 
 A launcher sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-the process group is joined on first use (``nccl`` on CUDA, ``gloo`` on CPU). Without those
-variables (or with ``WORLD_SIZE=1``) every function here is a no-op and nothing in the single-
-process path changes.
+accelerate joins the process group on first use (``nccl`` on CUDA, ``gloo`` on CPU). Without
+those variables (or with ``WORLD_SIZE=1``) every function here is a no-op and nothing in the
+single-process path changes.
 
-- Training (``utils.training.train``): every rank holds the whole model and takes its share
-  ``batch[rank::world]`` of each global batch; after the backward the gradients are summed over
-  the ranks, each rank's weighted by its number of examples, and divided by the global batch
-  size, so that every rank applies the same update (DDP semantics for a per-example mean loss).
-  The trainable parameters are broadcast from rank 0 once before the first step.
+- Training (``utils.training.train``) runs on accelerate's ``Accelerator`` (DDP, FSDP or
+  DeepSpeed as the launcher's config says); it uses ``shard`` to deal each micro-batch out.
 - Evaluation (``utils.evaluation.predict``): the length-sorted batches of the single-process
-  evaluation are dealt out round-robin, so every example is computed in the same batch as in a
-  single process; each rank's (index, prediction) pairs are gathered, checked to cover every
-  index exactly once (no sampler padding, no duplicates) and put back in order.
-- Only rank 0 writes run folders and checkpoints; the others wait for it (``barrier``).
+  evaluation are dealt out round-robin (``shard``), so every example is computed in the same
+  batch as in a single process; each rank's (index, prediction) pairs are gathered
+  (``gather_objects``), checked to cover every index exactly once (no sampler padding, no
+  duplicates) and put back in order (``merge_by_index``).
+- Only the main process writes run folders and checkpoints; the others wait for it (``barrier``).
 """
 from __future__ import annotations
 
-import atexit
 import os
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate or write for a long time
 
 
 def launched_world_size() -> int:
@@ -39,30 +37,34 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
+def state():
+    """accelerate's ``PartialState`` (joins the process group on first call). ``cpu`` when
+    there is no GPU, so that several CPU processes run data-parallel over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=PROCESS_GROUP_TIMEOUT)
+
+
 def enabled() -> bool:
-    """True when this process is one of several; joins the process group on first call."""
-    if launched_world_size() <= 1:
-        return False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
-        atexit.register(_shutdown)
-    return True
+    """True when this process is one of several."""
+    return launched_world_size() > 1 and state().num_processes > 1
 
 
 def _shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (for tests that start ranks themselves)."""
+    if launched_world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
+        PartialState._reset_state()
 
 
 def rank() -> int:
-    return dist.get_rank() if enabled() else 0
+    return state().process_index if enabled() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if enabled() else 1
+    return state().num_processes if enabled() else 1
 
 
 def is_main() -> bool:
@@ -71,7 +73,25 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if enabled():
-        dist.barrier()
+        state().wait_for_everyone()
+
+
+def distributed_type() -> str:
+    """accelerate's distributed type of this launch ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP",
+    "DEEPSPEED", ...); "NO" without a launcher. FSDP and DeepSpeed are read from the variables
+    ``accelerate launch`` sets for such a config."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        return "DEEPSPEED"
+    if launched_world_size() <= 1:
+        return "NO"
+    return str(state().distributed_type).split(".")[-1]
+
+
+def sharded() -> bool:
+    """True when the model is sharded over the processes (FSDP or DeepSpeed)."""
+    return distributed_type() in ("FSDP", "DEEPSPEED")
 
 
 def shard(items: list) -> list:
@@ -79,76 +99,18 @@ def shard(items: list) -> list:
     return items[rank() :: world_size()] if enabled() else items
 
 
-def broadcast_parameters(params) -> None:
-    """Make every rank start from rank 0's values."""
-    if not enabled():
-        return
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-
-def sync_gradients(params, local_examples: int, global_examples: int) -> None:
-    """Replace each gradient by the example-weighted mean over the ranks:
-    ``sum_r n_r * g_r / N`` (a rank with no examples contributes zeros)."""
-    if not enabled():
-        return
-    params = list(params)
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_comm_device())
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)  # a gradient on any rank: sync it
-    grads = []
-    for p, has in zip(params, has_grad.tolist()):
-        if not has:
-            continue  # no rank has one: stays None, as in one process
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    scale = local_examples / global_examples
-    for bucket in _buckets(grads):
-        flat = torch.cat([g.reshape(-1) for g in bucket]) * scale
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in bucket:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
-
-
-def _buckets(tensors, max_elements: int = 1 << 24):
-    """Group same-dtype/device tensors into buckets of at most ``max_elements`` values."""
-    bucket, size, key = [], 0, None
-    for t in tensors:
-        k = (t.dtype, t.device)
-        if bucket and (k != key or size + t.numel() > max_elements):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += t.numel()
-        key = k
-    if bucket:
-        yield bucket
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def sum_scalar(value: float) -> float:
-    """The sum of ``value`` over the ranks (as float64)."""
-    if not enabled():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
     if not enabled():
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def sum_scalar(value: float) -> float:
+    """The sum of ``value`` over the ranks (as float64)."""
+    return float(sum(gather_objects(float(value)))) if enabled() else value
 
 
 def merge_by_index(parts: list[tuple[list[int], list]], n: int) -> list:

@@ -2,6 +2,13 @@
 
 Every helper returns one value per sample, averaged over that sample's label tokens;
 ``masked_mean`` then averages a term over the samples it applies to (0 when there are none).
+
+Global normalisation (several processes, gradient accumulation): a loss term is a mean over
+the samples of one *optimiser step* (all micro-batches of all processes), not over the share
+one forward sees. ``utils.training.train`` puts the step's sample counts in
+``batch["global_counts"]`` (``{"forget": n_f, "retain": n_r, "all": n}``); ``masked_mean`` and
+``batch_mean`` given such a count return the local *sum* divided by it, so that the terms of all
+forwards of a step add up to the step's mean. Without one they are today's per-batch means.
 """
 from __future__ import annotations
 
@@ -46,7 +53,29 @@ def kl_per_sample(ref_logits: torch.Tensor, logits: torch.Tensor, label_ids: tor
     return _per_sample(kl, label_ids)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the samples where ``mask`` is true; 0 (with grad) if none."""
+GLOBAL_COUNTS = "global_counts"  # the batch key of the step's sample counts (utils.training)
+
+
+def global_count(batch: dict, which: str) -> int | None:
+    """The number of ``which`` ("forget", "retain", "all") samples in the whole optimiser step
+    the batch belongs to, or None when the batch carries no counts (plain per-batch means)."""
+    counts = batch.get(GLOBAL_COUNTS)
+    return None if counts is None else int(counts[which])
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over the samples where ``mask`` is true; 0 (with grad) if none.
+    With ``count`` (the number of such samples in the whole step, see ``global_count``): the sum
+    over this batch's masked samples divided by ``count`` (this batch's share of the step mean)."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    total = (values * mask).sum()
+    if count is None:
+        return total / mask.sum().clamp(min=1)
+    return total / values.new_tensor(float(max(count, 1)))
+
+
+def batch_mean(values: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """``values.mean()``; with ``count`` (the step's number of samples) the sum divided by it."""
+    if count is None:
+        return values.mean()
+    return values.sum() / values.new_tensor(float(max(count, 1)))

@@ -7,7 +7,10 @@
 
 Every term is taken at the positions that *predict* the label tokens (``batch["label_pos"]``),
 averaged over each sample's label tokens, then over the samples it applies to in the batch, and
-is 0 when the batch has none. ``spul_loss`` is a pure function of tensors; ``SpulObjective`` is
+is 0 when the batch has none. With ``batch["global_counts"]`` (several processes, gradient
+accumulation: ``utils.losses.global_count``) a term is this batch's sum over its samples divided
+by their number in the whole optimiser step, so the terms of all forwards add up to the paper's
+means over the global batch. ``spul_loss`` is a pure function of tensors; ``SpulObjective`` is
 the training step that produces them (the reference on the fly, under ``torch.no_grad``, with the
 prompt bypassed: no second model copy, nothing cached between steps) and times the reference.
 """
@@ -18,22 +21,25 @@ import time
 import torch
 
 from utils.forward import PromptCache, cache_compatible, label_hidden, label_logits, unwrap
-from utils.losses import ce_per_sample, kl_per_sample, masked_mean
+from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean
 from utils.template import IGNORE
 
 
 def spul_loss(logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: dict, alpha: float, beta: float):
     """``logits``: (B, K, V) with the prompt; ``ref_logits``: (B, K, V) without it (only the
     retain rows are read; None gives L_kl = 0). Labels in ``batch["label_ids"]`` are already the
-    generic labels for forget samples. Returns (loss, {"L_f", "L_r", "L_kl", "loss"} floats)."""
+    generic labels for forget samples. Returns (loss, {"L_f", "L_r", "L_kl", "loss"} floats).
+    With ``batch["global_counts"]`` each term is normalised by the step's count of its samples
+    (forget for L_f, retain for L_r and L_kl) instead of the batch's."""
     label_ids = batch["label_ids"]
     forget = batch["is_forget"].bool()
     retain = ~forget
+    n_forget, n_retain = global_count(batch, "forget"), global_count(batch, "retain")
     ce = ce_per_sample(logits, label_ids)
-    l_f = masked_mean(ce, forget)
-    l_r = masked_mean(ce, retain)
+    l_f = masked_mean(ce, forget, n_forget)
+    l_r = masked_mean(ce, retain, n_retain)
     if ref_logits is not None:  # also logged when beta is 0
-        l_kl = masked_mean(kl_per_sample(ref_logits, logits, label_ids), retain)
+        l_kl = masked_mean(kl_per_sample(ref_logits, logits, label_ids), retain, n_retain)
     else:
         l_kl = logits.new_zeros(())
     loss = l_f + alpha * l_r + beta * l_kl
@@ -45,6 +51,14 @@ def select_rows(batch: dict, rows: torch.Tensor) -> dict:
     """The sub-batch of the samples where ``rows`` is true (per-sample tensors only)."""
     B = batch["input_ids"].size(0)
     return {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == B else v for k, v in batch.items()}
+
+
+def _sharded() -> bool:
+    """True under FSDP (``accelerate launch`` with an FSDP config), where the prompt's KV cache
+    is not used: the prompt is prepended instead (same loss and gradient)."""
+    from utils import distributed
+
+    return distributed.sharded()
 
 
 class ReferenceHiddenCache:
@@ -94,7 +108,12 @@ class SpulObjective:
     checkpoints activations (which drops caches).
 
     With ``reference_cache`` (off by default) the reference of a retain sample is computed on
-    its first visit only and then read back from a ``ReferenceHiddenCache``."""
+    its first visit only and then read back from a ``ReferenceHiddenCache``.
+
+    Its terms follow ``batch["global_counts"]`` when the training loop sets them
+    (``global_counts = True``: exact across processes and accumulation steps)."""
+
+    global_counts = True  # utils.training.train: the loss normalises by the step's counts
 
     def __init__(self, prompt_fn, alpha: float, beta: float, prompt_cache: bool = True, reference_cache: bool = False):
         self.prompt_fn, self.alpha, self.beta = prompt_fn, alpha, beta
@@ -128,7 +147,7 @@ class SpulObjective:
         t0 = time.perf_counter()
         ref = self.reference(model, batch)
         prompt = self.prompt_fn(model)
-        if self.prompt_cache and cache_compatible(model):
+        if self.prompt_cache and cache_compatible(model) and not _sharded():
             logits = label_logits(model, batch, prompt_cache=PromptCache.build(model, prompt))
         else:
             logits = label_logits(model, batch, prompt)

@@ -1,14 +1,32 @@
-"""One small training loop shared by qlora.py, spul.py and baselines.py: AdamW, cosine
-schedule with linear warmup, gradient clipping, seeded shuffling, a progress bar, and an
-efficiency record (wall time per epoch, tokens/s, peak memory, trainable parameters)."""
+"""One small training loop shared by qlora.py, spul.py, baselines.py and utils/relearn.py, on
+accelerate's ``Accelerator``: AdamW, cosine schedule with linear warmup, gradient clipping,
+seeded shuffling, gradient accumulation, mixed precision, optional activation checkpointing, a
+progress bar, and an efficiency record (wall time per epoch, tokens/s, peak memory, trainable
+parameters).
+
+One optimiser step takes ``batch_size * gradient_accumulation_steps`` samples (the step batch,
+drawn by ``epoch_batches``); it is cut into micro-batches of ``batch_size`` samples, one forward
+and backward each, and each micro-batch is dealt out over the processes (``batch[rank::world]``).
+``--train_batch_size`` is thus the number of samples per forward summed over all processes.
+
+Exact across processes and accumulation steps: a loss function that sets ``global_counts = True``
+(SPUL, every baseline, qlora.py's CE) finds the step batch's counts in ``batch["global_counts"]``
+(``utils.losses.global_count``) and returns its share of the step's means (local sums divided
+by global counts); the loop multiplies it by ``world * accumulation`` before
+``accelerator.backward`` (which divides by the accumulation steps), so that DDP's gradient
+*mean* over the processes is the gradient of the step's loss. Any other loss function is taken
+to be a per-example mean over its batch and weighted by its share of the step's samples.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +37,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from utils import distributed
-from utils.forward import to_device
+from utils.forward import to_device, unwrap
+from utils.losses import GLOBAL_COUNTS
 from utils.template import collate
 
 
@@ -58,6 +77,9 @@ class TrainConfig:
     fingerprint: dict | None = None  # what the run was started with, stored in each checkpoint
     group_by_length: int = 0  # >0: length-grouped batches, megabatches of this many batches
     stratify_batches: bool = False  # every batch holds the same share of forget samples (+-1)
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimiser step
+    mixed_precision: str = "no"  # "auto" (bf16 on CUDA where supported, else fp16; no on CPU), "no", "bf16", "fp16"
+    gradient_checkpointing: bool = False  # activation checkpointing (CUDA only; ignored on CPU)
 
 
 @dataclass
@@ -70,6 +92,8 @@ class TrainStats:
     peak_memory_mb: float = 0.0
     losses: list = field(default_factory=list)  # (step, loss, {term: value})
     processes: int = 1  # data-parallel processes (utils.distributed)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    mixed_precision: str = "no"  # what "auto" resolved to, or the value asked for
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -217,6 +241,144 @@ def load_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "T
     return True
 
 
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def resolve_mixed_precision(choice: str, device, params=()) -> str:
+    """``--mixed_precision``: "auto" is bf16 on a CUDA device that supports it, else fp16 (or
+    "no" when a trainable parameter is not fp32: the fp16 gradient scaler cannot unscale
+    half-precision gradients), and "no" off CUDA (CPU stays fp32)."""
+    if choice not in MIXED_PRECISION:
+        raise ValueError(f"mixed precision {choice!r}: choose from {', '.join(MIXED_PRECISION)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if choice != "auto":
+        if choice == "fp16" and not on_cuda:
+            from utils.cli import UsageError
+
+            raise UsageError("--mixed_precision fp16: needs a CUDA device (use bf16 or no on CPU)")
+        return choice
+    if not on_cuda:
+        return "no"
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp16" if all(p.dtype == torch.float32 for p in params) else "no"
+
+
+class _Step(torch.nn.Module):
+    """The model and its loss as one module, so that ``accelerator.prepare`` wraps the whole
+    training forward (DDP's gradient hooks, FSDP's unsharding, DeepSpeed's engine, autocast)
+    while the loss function still receives the unwrapped model (PEFT helpers such as
+    ``disable_adapter`` or the prompt encoder stay reachable)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def make_accelerator(cfg: TrainConfig, device, params):
+    """A fresh ``Accelerator`` for one ``train`` call (accelerate's state is per process: it
+    is reset so that each call may ask for its own precision and accumulation)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if distributed.launched_world_size() > 1:
+        distributed.state()  # the process group, with this toolkit's timeout
+    precision = resolve_mixed_precision(cfg.mixed_precision, device, params)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accum = max(1, int(cfg.gradient_accumulation_steps))
+    accelerator = Accelerator(
+        cpu=torch.device(device).type == "cpu", mixed_precision=precision, gradient_accumulation_steps=accum,
+        device_placement=False,  # the callers place the model (4-bit models cannot be moved) and the batches
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.gradient_accumulation_steps != accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from a launcher config
+        from utils.cli import UsageError
+
+        raise UsageError(f"--gradient_accumulation_steps {accum}: the accelerate config asks for "
+                         f"{accelerator.gradient_accumulation_steps}; pass the same value or drop it from the config")
+    return accelerator, precision
+
+
+def enable_gradient_checkpointing(model, device, say: bool) -> bool:
+    """Activation checkpointing on CUDA (non-reentrant); ignored with a one-line warning on CPU.
+    SPUL then prepends its prompt instead of using the prompt KV cache (``cache_compatible``)."""
+    if torch.device(device).type != "cuda":
+        if say:
+            print("warning: --gradient_checkpointing is ignored on CPU (it only saves GPU memory)", file=sys.stderr)
+        return False
+    unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
+
+
+def check_sharding(accelerator, kind: str) -> None:
+    """The sharded setups the loop cannot hand back a whole trained model from (the entry points
+    evaluate and save the model after ``train``): one line each."""
+    from utils.cli import UsageError
+
+    if kind == "FSDP" and getattr(accelerator, "is_fsdp2", False):
+        raise UsageError("accelerate launch: FSDP2 (fsdp_version: 2) is not supported; use fsdp_version: 1 "
+                         "(scripts/accelerate/fsdp_7b_full.yaml)")
+    if kind == "DEEPSPEED" and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        raise UsageError("accelerate launch: DeepSpeed ZeRO-3 is not supported (evaluation after training needs the "
+                         "whole weights in each process); use ZeRO-2 (scripts/accelerate/deepspeed_zero2.yaml) or FSDP")
+
+
+def gather_fsdp(step_module, device, trainable: dict) -> None:
+    """After FSDP (version 1) training: put the whole trained weights back into the caller's
+    module tree in every process (the FSDP wrappers replaced by the modules they wrap), so that
+    evaluation and saving see a plain model, as after DDP. Every process holds a full copy
+    afterwards (CPU while it is gathered)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(step_module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+        full = step_module.state_dict()  # keys of _Step: "model.<name in the caller's model>"
+    inner = step_module.module
+
+    def strip(parent):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FSDP):
+                child = child.module
+                setattr(parent, name, child)
+            strip(child)
+
+    strip(inner)
+    for key, value in full.items():
+        owner, _, leaf = key.rpartition(".")
+        module = inner.get_submodule(owner)
+        if leaf in module._buffers:
+            module._buffers[leaf] = value.to(device)
+            continue
+        if leaf in module._parameters:
+            del module._parameters[leaf]
+        elif hasattr(module, leaf):
+            delattr(module, leaf)  # a view FSDP left as a plain attribute
+        name = key.split(".", 1)[1]
+        module.register_parameter(leaf, torch.nn.Parameter(value.to(device), requires_grad=trainable.get(name, False)))
+    model = inner.model
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def step_counts(features, idx) -> dict:
+    """The counts the loss terms are normalised by: samples, forget and retain samples of the
+    whole step batch ``idx`` (known on every process: all see the same ``idx``)."""
+    forget = sum(bool(features[i].get("is_forget", False)) for i in idx)
+    return {"all": len(idx), "forget": forget, "retain": len(idx) - forget}
+
+
+def micro_batches(idx: list[int], batch_size: int, pad_to: int = 0) -> list[list[int]]:
+    """The step batch cut into micro-batches of ``batch_size`` (the last may be shorter),
+    padded with empty ones up to ``pad_to`` (DeepSpeed expects a fixed number per step)."""
+    out = [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+    return out + [[] for _ in range(pad_to - len(out))]
+
+
 def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, desc="train") -> TrainStats:
     """Minimise ``loss_fn(model, batch) -> (loss, {term: float})`` over ``features``.
     A fractional ``num_epochs`` trains on that share of the last epoch's batches. With
@@ -224,23 +386,45 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     ``save_every`` steps; with ``cfg.resume`` it continues from it, exactly (same batches,
     optimizer, schedule and dropout RNG).
 
-    Under a launcher with several processes (``utils.distributed``) each rank takes its share
-    of every global batch of ``cfg.batch_size`` examples and the gradients are averaged over
-    the ranks before the step; only rank 0 saves checkpoints and shows progress."""
+    A step is one optimiser update over ``cfg.batch_size * cfg.gradient_accumulation_steps``
+    samples; under a launcher with several processes each takes its share of every micro-batch
+    and accelerate (DDP, FSDP or DeepSpeed) reduces the gradients; with ``loss_fn.global_counts``
+    the loss and its gradient are those of one process on the whole step batch (see the module
+    docstring). Only the main process saves checkpoints and shows progress."""
     params = [p for p in params if p.requires_grad]
-    world = distributed.world_size()
-    main_rank = distributed.is_main()
-    distributed.broadcast_parameters(params)
-    stats = TrainStats(trainable_params=sum(p.numel() for p in params), processes=world)
-    per_epoch = math.ceil(len(features) / cfg.batch_size)
+    accelerator, precision = make_accelerator(cfg, device, params)
+    world, main_rank = accelerator.num_processes, accelerator.is_main_process
+    rank = accelerator.process_index
+    accum = accelerator.gradient_accumulation_steps
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if kind in ("FSDP", "DEEPSPEED") and ckpt_dir is not None and (cfg.save_every or cfg.resume):
+        from utils.cli import UsageError
+
+        raise UsageError(f"--save_every/--resume: checkpoints are not supported under {kind} (the weights are sharded); pass --save_every 0")
+    check_sharding(accelerator, kind)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, device, main_rank)
+    uses_counts = bool(getattr(loss_fn, "global_counts", False))
+    stats = TrainStats(trainable_params=sum(p.numel() for p in params), processes=world,
+                       gradient_accumulation_steps=accum, mixed_precision=precision)
+    step_size = cfg.batch_size * accum
+    per_epoch = math.ceil(len(features) / step_size)
     total = max(1, math.ceil(per_epoch * cfg.num_epochs))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume and ckpt_dir is not None and load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats):
-        stats.processes = world
+        stats.processes, stats.gradient_accumulation_steps, stats.mixed_precision = world, accum, precision
         if main_rank:
             print(f"{desc}: resumed from {ckpt_dir} at step {stats.steps}/{total}")
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    if kind == "DEEPSPEED":  # no dataloader is prepared: the loop's sizes and clipping go into the config
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=math.ceil(cfg.batch_size / world), gradient_accumulation_steps=accum,
+                  gradient_clipping=cfg.max_grad_norm)
+    # DDP broadcasts rank 0's weights here; the loss sees the unwrapped model inside the wrapper
+    step_module, step_optimizer = accelerator.prepare(_Step(model, loss_fn), optimizer)
+    clip_params = list(step_module.parameters()) if kind == "FSDP" else params
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -249,40 +433,35 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     epoch, skip = divmod(stats.steps, per_epoch)
     lengths = [len(f["input_ids"]) for f in features] if cfg.group_by_length else None
     strata = [bool(f.get("is_forget", False)) for f in features] if cfg.stratify_batches else None
-    while stats.steps < total:
-        t0 = time.perf_counter()
-        for idx in epoch_batches(len(features), cfg.batch_size, cfg.seed, epoch, lengths, cfg.group_by_length, strata)[skip:]:
-            if stats.steps >= total:
-                break
-            if world == 1:
-                batch = to_device(collate([features[i] for i in idx], pad_id), device)
-                loss, terms = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {stats.steps + 1}")
-                loss.backward()
-                tokens = int(batch["num_tokens"].sum())
-            else:
-                loss, terms, tokens = _shard_step(model, loss_fn, features, idx, params, device, pad_id)
-                if not math.isfinite(loss):  # the global loss: every rank stops together
-                    bar.close()
-                    raise TrainingDiverged(f"non-finite loss ({loss}) at step {stats.steps + 1}")
-                loss = torch.tensor(loss)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats.steps += 1
-            stats.train_tokens += tokens
-            if stats.steps % cfg.log_every == 0 or stats.steps == total:
-                stats.losses.append((stats.steps, loss.item(), terms))
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
-            bar.update(1)
-            if ckpt_dir is not None and cfg.save_every and stats.steps % cfg.save_every == 0 and stats.steps < total and main_rank:
-                save_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, cfg.fingerprint)
-        stats.epoch_seconds.append(time.perf_counter() - t0)
-        epoch, skip = epoch + 1, 0
-    bar.close()
+    try:
+        while stats.steps < total:
+            t0 = time.perf_counter()
+            for idx in epoch_batches(len(features), step_size, cfg.seed, epoch, lengths, cfg.group_by_length, strata)[skip:]:
+                if stats.steps >= total:
+                    break
+                loss, terms, tokens = _step(accelerator, step_module, features, idx, cfg.batch_size, device, pad_id,
+                                            uses_counts, rank, world, accum, kind, stats.steps + 1)
+                accelerator.clip_grad_norm_(clip_params, cfg.max_grad_norm)
+                step_optimizer.step()
+                if not step_optimizer.step_was_skipped:  # fp16: a step skipped for overflowing gradients
+                    scheduler.step()
+                step_optimizer.zero_grad(set_to_none=True)
+                stats.steps += 1
+                stats.train_tokens += tokens
+                if stats.steps % cfg.log_every == 0 or stats.steps == total:
+                    stats.losses.append((stats.steps, loss, terms))
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
+                bar.update(1)
+                if ckpt_dir is not None and cfg.save_every and stats.steps % cfg.save_every == 0 and stats.steps < total and main_rank:
+                    save_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, cfg.fingerprint)
+            stats.epoch_seconds.append(time.perf_counter() - t0)
+            epoch, skip = epoch + 1, 0
+        if kind == "FSDP":
+            gather_fsdp(step_module, device, trainable)
+    finally:
+        bar.close()
+        accelerator.free_memory()  # drop the DDP wrapper (its gradient hooks) and the prepared optimizer
+        del step_module, step_optimizer
     elapsed = time.perf_counter() - t_all
     stats.tokens_per_second = stats.train_tokens / max(elapsed, 1e-9)
     stats.peak_memory_mb = peak_memory_mb(device)
@@ -290,24 +469,46 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     return stats
 
 
-def _shard_step(model, loss_fn, features, idx, params, device, pad_id):
-    """Forward and backward of this rank's share of the global batch ``idx``, then gradient
-    averaging over the ranks. Returns (global mean loss, example-weighted mean terms, tokens)."""
-    mine = distributed.shard(idx)
-    local_loss, terms, tokens = 0.0, {}, 0
-    if mine:
-        batch = to_device(collate([features[i] for i in mine], pad_id), device)
-        loss, terms = loss_fn(model, batch)
-        local_loss = loss.item()
-        if math.isfinite(local_loss):
-            loss.backward()
-        tokens = int(batch["num_tokens"].sum())
-    n, total = len(mine), len(idx)
-    global_loss = distributed.sum_scalar(local_loss * n if n else 0.0) / total
-    if math.isfinite(global_loss):
-        distributed.sync_gradients(params, n, total)
-    merged: dict[str, float] = {}
-    for part_n, part in distributed.gather_objects((n, terms)):
-        for k, v in part.items():
-            merged[k] = merged.get(k, 0.0) + float(v) * part_n / total
-    return global_loss, merged, int(distributed.sum_scalar(tokens))
+def _step(accelerator, step_module, features, idx, batch_size, device, pad_id, uses_counts, rank, world, accum, kind, step_no):
+    """Forward and backward of every micro-batch of the step batch ``idx`` (this process's
+    share of each). Returns the step's loss, its terms and its number of tokens, summed over the
+    micro-batches and processes (each forward's value weighted by its share of the step)."""
+    counts = step_counts(features, idx)
+    micro = micro_batches(idx, batch_size, pad_to=accum if kind == "DEEPSPEED" else 0)
+    loss_total, terms_total, tokens = 0.0, {}, 0
+    for j, part in enumerate(micro):
+        last = j == len(micro) - 1
+        mine = part[rank::world]
+        # a process without samples in this micro-batch still runs one (weight 0): DDP, FSDP and
+        # DeepSpeed need every process in every forward/backward
+        rows = mine or idx[:1]
+        batch = to_device(collate([features[i] for i in rows], pad_id), device)
+        if uses_counts:
+            batch[GLOBAL_COUNTS] = counts
+        weight = 0.0 if not mine else 1.0 if uses_counts else len(mine) / len(idx)
+        accelerator.gradient_state._set_sync_gradients(last)  # DeepSpeed: step at the last micro-batch
+        with contextlib.nullcontext() if last else accelerator.no_sync(step_module):
+            loss, terms = step_module(batch)
+            value = loss.item()
+            finite = math.isfinite(value)
+            if world > 1:  # every process stops together, before any gradient is reduced
+                flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+                finite = float(accelerator.reduce(flag, reduction="sum").item()) == 0.0
+            if not finite:
+                raise TrainingDiverged(f"non-finite loss ({value if not math.isfinite(value) else float('nan')}) at step {step_no}")
+            scale = weight * world * accum  # undone by DDP's mean over processes and backward's 1/accum
+            accelerator.backward(loss if scale == 1.0 else loss * scale)
+        if mine:
+            loss_total += value if weight == 1.0 else value * weight
+            for k, v in terms.items():
+                if isinstance(v, (int, float)):
+                    terms_total[k] = terms_total.get(k, 0.0) + (v if weight == 1.0 else v * weight)
+            tokens += int(batch["num_tokens"].sum())
+    accelerator.gradient_state._set_sync_gradients(True)
+    if world > 1:
+        parts = distributed.gather_objects((loss_total, terms_total, tokens))
+        loss_total = sum(p[0] for p in parts)
+        keys = list(dict.fromkeys(k for p in parts for k in p[1]))
+        terms_total = {k: sum(p[1].get(k, 0.0) for p in parts) for k in keys}
+        tokens = sum(p[2] for p in parts)
+    return loss_total, terms_total, tokens
