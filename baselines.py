@@ -33,6 +33,7 @@ from utils.guardrails import prefix_embeddings
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
 
 
@@ -226,16 +227,19 @@ def main(argv=None):
 
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio,
                       args.max_grad_norm, args.seed, log_every=1, **ckpt)
+    tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
     try:
         stats = train(model, params, make_loss_fn(method, reference, weights), features, cfg, device,
-                      tokenizer.pad_token_id, desc=args.unlearn_method)
+                      tokenizer.pad_token_id, desc=args.unlearn_method, trackers=tracking)
         bad = nonfinite_parameters((n, p) for n, p in model.named_parameters() if p.requires_grad)
         if bad:
             raise TrainingDiverged(f"non-finite weights after training ({bad[0]}, {len(bad)} tensors)")
     except TrainingDiverged as e:
+        tracking.close()
         print(f"error: {args.unlearn_method} diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
+    tracking.finish(evaluation.metrics, stats.steps)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

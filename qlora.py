@@ -29,6 +29,7 @@ from utils.models import (
 )
 from utils.runs import atomic_run_dir, check_output, default_run_name, run_manifest, save_run
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.trackers import open_trackers
 from utils.training import TrainConfig, seed_everything, train
 
 
@@ -88,8 +89,10 @@ def main(argv=None):
 
     features = training_set(encoder, splits, args.seed, include_forget=not args.retain_only)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
-    stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora")
+    tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
+    stats = train(model, model.parameters(), label_ce, features, cfg, device, tokenizer.pad_token_id, desc="qlora", trackers=tracking)
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, split_names=args.eval_splits)
+    tracking.finish(evaluation.metrics, stats.steps)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

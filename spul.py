@@ -23,6 +23,7 @@ from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective
 from utils.spul_run import TOKENIZER_DIR, check_sources, load_frozen_source, resume_encoder, spul_manifest
 from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
 
 
@@ -101,14 +102,16 @@ def main(argv=None):
     features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra)
     objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=args.cache_reference)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
+    tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
     try:
-        stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul")
+        stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul", trackers=tracking)
     except TrainingDiverged as e:
         print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
     with torch.no_grad():
         prompt = prompt_embeddings(model).detach()
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+    tracking.finish(evaluation.metrics, stats.steps)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:

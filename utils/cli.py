@@ -9,6 +9,7 @@ from pathlib import Path
 
 from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataError
 from utils.runs import RunError
+from utils.trackers import TrackerError, check_package, tracker_fields
 
 
 class UsageError(ValueError):
@@ -92,6 +93,19 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="activation checkpointing during training (CUDA only; ignored with a warning on CPU): less "
                         "memory for one more forward; SPUL then prepends the prompt instead of using its KV cache")
+    t = p.add_argument_group("experiment tracking (utils/trackers.py)")
+    t.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="log the loss, each loss term and the learning rate of every logged step, and the evaluation "
+                        "metrics of each split after training, through accelerate's tracker: tensorboard (open with "
+                        "tensorboard --logdir TRACKER_DIR) or wandb (offline unless WANDB_MODE is set: no account "
+                        "needed; upload later with wandb sync TRACKER_DIR/wandb/offline-run-*); none: no tracker files")
+    t.add_argument("--tracker_dir", default=None,
+                   help="folder the tracker writes to while the run trains (the run folder itself is written only at "
+                        "the end); default: <output_path>.trackers next to the run folder, kept after the run")
+    t.add_argument("--tracker_project", default="spul", help="wandb project name")
+    t.add_argument("--run_name", default=None,
+                   help="tracker run name (tensorboard: TRACKER_DIR/RUN_NAME/; wandb: the run's name); default: "
+                        "<output folder name>-<YYYYmmdd-HHMMSS>")
 
 
 def add_output_args(p) -> None:
@@ -118,6 +132,8 @@ def check_common(args) -> None:
         raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
     if getattr(args, "gradient_accumulation_steps", 1) < 1:
         raise UsageError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be at least 1")
+    if getattr(args, "report_to", "none") != "none":
+        check_package(args.report_to)  # one line naming the flag and the pip command
     if getattr(args, "group_by_length", 0) < 0:
         raise UsageError(f"--group_by_length {args.group_by_length}: must be >= 0 (0: plain shuffled batches)")
     positive = ("lr", "num_epochs", "train_batch_size", "eval_batch_size", "max_length")
@@ -159,7 +175,7 @@ def user_errors() -> tuple[type, ...]:
     from utils.models import ModelNotFound
     from utils.splits import SplitError
 
-    return (UsageError, DataError, RunError, ModelNotFound, SplitError)
+    return (UsageError, DataError, RunError, ModelNotFound, SplitError, TrackerError)
 
 
 def entry_point(main):
@@ -231,7 +247,8 @@ def check_tokenizer(args) -> None:
 # Resumable checkpoints (--save_every, --resume)
 # ---------------------------------------------------------------------------------------------
 
-UNBOUND = ("resume", "save_every", "overwrite", "output_path")  # flags a resumed run may change
+UNBOUND = ("resume", "save_every", "overwrite", "output_path",  # flags a resumed run may change
+           "report_to", "tracker_dir", "tracker_project", "run_name")
 
 
 def checkpoint_dir(out) -> Path:
@@ -252,7 +269,8 @@ def run_fingerprint(args, splits) -> dict:
 def check_resume(args, out, splits) -> dict:
     """Before any model is loaded: with ``--resume``, the checkpoint next to ``out`` must come
     from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing, batching,
-    accumulation and precision."""
+    accumulation, precision and experiment tracking (``utils.trackers.tracker_fields``: the
+    tracker folder is checked to be writable here)."""
     from utils import distributed
     from utils.training import read_checkpoint_info
 
@@ -277,7 +295,8 @@ def check_resume(args, out, splits) -> dict:
             "group_by_length": getattr(args, "group_by_length", 0), "stratify_batches": getattr(args, "stratify_batches", False),
             "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1),
             "mixed_precision": getattr(args, "mixed_precision", "no"),
-            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False)}
+            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False),
+            **tracker_fields(args, out)}
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:

@@ -40,6 +40,7 @@ from utils import distributed
 from utils.forward import to_device, unwrap
 from utils.losses import GLOBAL_COUNTS
 from utils.template import collate
+from utils.trackers import Trackers
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,6 +81,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimiser step
     mixed_precision: str = "no"  # "auto" (bf16 on CUDA where supported, else fp16; no on CPU), "no", "bf16", "fp16"
     gradient_checkpointing: bool = False  # activation checkpointing (CUDA only; ignored on CPU)
+    report_to: str = "none"  # experiment tracker (utils.trackers): "none", "tensorboard", "wandb"
+    tracker_dir: str | None = None  # where the tracker writes (utils.trackers.default_tracker_dir)
+    tracker_project: str | None = None  # wandb project (default "spul")
+    run_name: str | None = None  # tensorboard subfolder / wandb run name
+    tracker_config: dict | None = None  # hyper-parameters stored with the tracker run
 
 
 @dataclass
@@ -279,9 +285,10 @@ class _Step(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def make_accelerator(cfg: TrainConfig, device, params):
+def make_accelerator(cfg: TrainConfig, device, params, trackers=None):
     """A fresh ``Accelerator`` for one ``train`` call (accelerate's state is per process: it
-    is reset so that each call may ask for its own precision and accumulation)."""
+    is reset so that each call may ask for its own precision and accumulation), with the
+    experiment tracker of ``trackers`` (``utils.trackers.Trackers``) if any."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -294,7 +301,7 @@ def make_accelerator(cfg: TrainConfig, device, params):
     accelerator = Accelerator(
         cpu=torch.device(device).type == "cpu", mixed_precision=precision, gradient_accumulation_steps=accum,
         device_placement=False,  # the callers place the model (4-bit models cannot be moved) and the batches
-        step_scheduler_with_optimizer=False,
+        step_scheduler_with_optimizer=False, **(trackers.accelerator_kwargs() if trackers is not None else {}),
     )
     if accelerator.gradient_accumulation_steps != accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from a launcher config
         from utils.cli import UsageError
@@ -379,7 +386,7 @@ def micro_batches(idx: list[int], batch_size: int, pad_to: int = 0) -> list[list
     return out + [[] for _ in range(pad_to - len(out))]
 
 
-def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, desc="train") -> TrainStats:
+def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, desc="train", trackers=None) -> TrainStats:
     """Minimise ``loss_fn(model, batch) -> (loss, {term: float})`` over ``features``.
     A fractional ``num_epochs`` trains on that share of the last epoch's batches. With
     ``cfg.checkpoint_dir`` and ``cfg.save_every`` it saves a resumable checkpoint every
@@ -390,9 +397,28 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     samples; under a launcher with several processes each takes its share of every micro-batch
     and accelerate (DDP, FSDP or DeepSpeed) reduces the gradients; with ``loss_fn.global_counts``
     the loss and its gradient are those of one process on the whole step batch (see the module
-    docstring). Only the main process saves checkpoints and shows progress."""
+    docstring). Only the main process saves checkpoints and shows progress.
+
+    Experiment tracking (``cfg.report_to``, ``utils.trackers``): every recorded step (the
+    entries of ``stats.losses``) is logged with its learning rate. With ``trackers`` (the
+    caller's ``utils.trackers.Trackers``) the trackers stay open for the caller to log the
+    evaluation and close them (closed here only if training fails); without it ``train`` opens
+    its own from ``cfg`` and closes them when it returns."""
+    own_trackers = trackers is None
+    trackers = Trackers(cfg) if own_trackers else trackers
     params = [p for p in params if p.requires_grad]
-    accelerator, precision = make_accelerator(cfg, device, params)
+    try:
+        stats = _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers)
+    except BaseException:
+        trackers.close()
+        raise
+    if own_trackers:
+        trackers.close()
+    return stats
+
+
+def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers) -> TrainStats:
+    accelerator, precision = make_accelerator(cfg, device, params, trackers)
     world, main_rank = accelerator.num_processes, accelerator.is_main_process
     rank = accelerator.process_index
     accum = accelerator.gradient_accumulation_steps
@@ -422,6 +448,7 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds.update(train_micro_batch_size_per_gpu=math.ceil(cfg.batch_size / world), gradient_accumulation_steps=accum,
                   gradient_clipping=cfg.max_grad_norm)
+    trackers.start(accelerator)
     # DDP broadcasts rank 0's weights here; the loss sees the unwrapped model inside the wrapper
     step_module, step_optimizer = accelerator.prepare(_Step(model, loss_fn), optimizer)
     clip_params = list(step_module.parameters()) if kind == "FSDP" else params
@@ -442,6 +469,7 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
                 loss, terms, tokens = _step(accelerator, step_module, features, idx, cfg.batch_size, device, pad_id,
                                             uses_counts, rank, world, accum, kind, stats.steps + 1)
                 accelerator.clip_grad_norm_(clip_params, cfg.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after it)
                 step_optimizer.step()
                 if not step_optimizer.step_was_skipped:  # fp16: a step skipped for overflowing gradients
                     scheduler.step()
@@ -450,6 +478,7 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
                 stats.train_tokens += tokens
                 if stats.steps % cfg.log_every == 0 or stats.steps == total:
                     stats.losses.append((stats.steps, loss, terms))
+                    trackers.log_step(stats.steps, loss, terms, lr)
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
                 bar.update(1)
                 if ckpt_dir is not None and cfg.save_every and stats.steps % cfg.save_every == 0 and stats.steps < total and main_rank:
