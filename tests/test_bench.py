@@ -7,7 +7,14 @@ import torch
 
 import bench
 
-TRAINING_ROWS = ("QLoRA", "SPUL", "GA", "GA+KL", "GA+GD", "NPO", "SPUL, prompt prepended", "SPUL, reference cached")
+TRAINING_ROWS = ("QLoRA", "SPUL", "GA", "GA+KL", "GA+GD", "NPO", "SPUL, prompt prepended", "SPUL, reference cached", "SPUL, release-style")
+# the targets of the performance issue (issue 17), in this order, with their values
+ISSUE_TARGETS = {
+    "SPUL step time / release-style SPUL step time": "<= 0.60x",
+    "SPUL step achieved FLOP/s / measured matmul peak": ">= 60.00%",
+    "evaluation (label-position forward) achieved FLOP/s / measured matmul peak": ">= 60.00%",
+    "SPUL peak memory / one model copy": "<= 2.00x",
+}
 EVAL_PATHS = ("label_position", "naive_full_logits", "prompt_kv_cache", "prompt_prepended")
 
 
@@ -55,9 +62,25 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     assert {"length_grouping", "inference_mode", "gqa_in_sdpa", "gradient_checkpointing", "threads", "bf16_on_cpu"} <= set(levers)
     assert levers["gradient_checkpointing"]["with"]["step_seconds_median"] > 0
 
-    assert [t["figure"] for t in saved["targets"]] == [t.name for t in bench.TARGETS] and len(saved["targets"]) == 7
+    # the release-style peer: same model, FLOPs counted, reference copy and cache counted in its memory
+    rel = saved["training"]["SPUL, release-style"]
+    assert rel["trainable_params"] == spul["trainable_params"] and rel["flops_per_step"][0] > spul["flops_per_step"][0] > 0
+    assert rel["reference_copy_bytes"] == mem["model_weights_bytes"]
+    assert rel["reference_cache_bytes_bench_rows"] > 0 and rel["reference_cache_bytes_training_set"] > 0
+    rc = saved["release_comparison"]
+    assert rc["release_peak_bytes"] >= 2 * mem["model_weights_bytes"] + rc["release_host_cache_bytes"] and rc["release_peak_ratio_to_one_model_copy"] >= 2
+    assert 0 < rc["spul_peak_ratio_to_release_peak"] < 1 and rc["step_seconds_ratio_spul_to_release"] > 0
+    assert rc["flops_per_step_ratio_spul_to_release"] == spul["flops_per_step"][0] / rel["flops_per_step"][0]
+    assert spul["saved_activation_bytes_counted_steps"][0] > 0
+    ev = saved["eval"]["label_position"]
+    assert ev["flops_per_pass"] > 0 and ev["achieved_flops_per_second"] > 0 and ev["share_of_matmul_peak"] > 0
+
+    assert [t["figure"] for t in saved["targets"]] == [t.name for t in bench.TARGETS] and len(saved["targets"]) == 9
+    issue = [t for t in saved["targets"] if not t["informational"]]
+    assert {t["figure"]: t["target"] for t in issue} == ISSUE_TARGETS
     for t in saved["targets"]:
         memory = t["figure"] == "SPUL peak memory / one model copy"
         assert (t["achieved"] >= 0 if memory else t["achieved"] > 0) and isinstance(t["met"], bool)
     printed = capsys.readouterr().out
-    assert "| SPUL step time / GA+GD step time |" in printed and "| inference time with prompt / without |" in printed
+    assert "| SPUL step time / release-style SPUL step time |" in printed and "| inference time with prompt / without |" in printed
+    assert "| SPUL step time / GA+GD step time |" in printed and "SPUL against the release-style step" in printed
