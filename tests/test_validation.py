@@ -253,3 +253,4 @@ def test_fsdp_and_deepspeed_launch_configs_are_accepted(var, monkeypatch):
 
     monkeypatch.setenv(var, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
     cli.check_launcher()  # accepted: accelerate shards the training (utils.training)
+
