@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from utils.models import load_model, load_tokenizer, merge_lora, resolve_model
+from utils.models import load_model, load_tokenizer, merge_lora, resolve_model, short_reason
 from utils.baselines import load_baseline
-from utils.runs import read_manifest
+from utils.runs import RunError, read_manifest
 from utils.spul_run import load_spul
 
 
@@ -39,6 +39,19 @@ LOADERS = {"qlora": load_qlora, "baseline": load_baseline, "spul": load_spul}
 def load_run(run_dir, device, flag: str = "--model_checkpoints", kinds: tuple[str, ...] | None = None) -> Loaded:
     manifest = read_manifest(Path(run_dir), flag, kinds or tuple(LOADERS))
     return LOADERS[manifest["kind"]](Path(run_dir), manifest, device)
+
+
+def read_run_tokenizer(run, flag: str = "RUN") -> tuple[dict, object]:
+    """A finished run folder's manifest (of a loadable kind) and tokenizer, without loading any
+    model: for the checks a command makes before it loads one. One-line errors name ``flag``."""
+    manifest = read_manifest(Path(run), flag, tuple(LOADERS))
+    path = Path(run) / "tokenizer"
+    if not path.is_dir():
+        raise RunError(f"{flag} {run}: has no tokenizer/ folder (an incomplete run?)")
+    try:
+        return manifest, load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{flag} {run}: cannot load its tokenizer ({short_reason(e)})") from e
 
 
 def load_pretrained(model_name: str, device, set_pad_id: bool = False) -> Loaded:

@@ -34,11 +34,11 @@ from utils.data import SPLITS
 import torch
 from utils.augment import names_from_split
 from utils.binding import load_checked
-from utils.checkpoints import LOADERS
+from utils.checkpoints import read_run_tokenizer
 from utils.data import locate, prepare_splits
 from utils.evaluation import evaluate_splits
-from utils.models import load_tokenizer, select_device, short_reason
-from utils.runs import RunError, atomic_run_dir, check_output, library_versions, read_manifest, write_json
+from utils.models import select_device
+from utils.runs import atomic_run_dir, check_output, library_versions, write_json
 from utils.splits import name_pattern
 from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS, SUFFIX
 from utils.training import seed_everything
@@ -257,14 +257,8 @@ def check_runs(args, probes) -> list[dict]:
     within --max_length; returns the manifests. Loads tokenizers only."""
     manifests = []
     for run in args.runs:
-        manifests.append(read_manifest(Path(run), "RUN", tuple(LOADERS)))
-        path = Path(run) / "tokenizer"
-        if not path.is_dir():
-            raise RunError(f"RUN {run}: has no tokenizer/ folder (an incomplete run?)")
-        try:
-            tokenizer = load_tokenizer(path)
-        except (OSError, ValueError) as e:
-            raise RunError(f"RUN {run}: cannot load its tokenizer ({short_reason(e)})") from e
+        manifest, tokenizer = read_run_tokenizer(run)
+        manifests.append(manifest)
         for name in probes:
             cli.check_max_length(question_encoder(tokenizer, args.max_length, PROBES[name].question), LABEL_WORDS + GENERIC_LABELS)
     return manifests

@@ -56,14 +56,14 @@ from peft import get_peft_model
 from utils import cli
 from utils.augment import AugmentError, forgotten_names
 from utils.binding import check_binding, load_checked
-from utils.checkpoints import LOADERS
+from utils.checkpoints import read_run_tokenizer
 from utils.data import encode_frame, prepare_splits, split_fingerprint
 from utils.distributed import launched_world_size
 from utils.evaluation import evaluate_splits
 from utils.forward import label_logits, unwrap
 from utils.losses import ce_per_sample
-from utils.models import load_tokenizer, lora_config, lora_target_modules, select_device, short_reason
-from utils.runs import RunError, atomic_run_dir, check_output, library_versions, read_manifest, write_json
+from utils.models import lora_config, lora_target_modules, select_device
+from utils.runs import atomic_run_dir, check_output, library_versions, write_json
 from utils.splits import clean_names, name_pattern
 from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS
 from utils.training import TrainConfig, seed_everything, train
@@ -193,14 +193,7 @@ def check_runs(args) -> list[dict]:
     with a tokenizer that fits ``--max_length``. Returns the manifests."""
     manifests = []
     for run in args.runs:
-        manifest = read_manifest(Path(run), "RUN", tuple(LOADERS))
-        path = Path(run) / "tokenizer"
-        if not path.is_dir():
-            raise RunError(f"RUN {run}: has no tokenizer/ folder (an incomplete run?)")
-        try:
-            tokenizer = load_tokenizer(path)
-        except (OSError, ValueError) as e:
-            raise RunError(f"RUN {run}: cannot load its tokenizer ({short_reason(e)})") from e
+        manifest, tokenizer = read_run_tokenizer(run)
         cli.check_max_length(Encoder(tokenizer, args.max_length), LABEL_WORDS + GENERIC_LABELS)
         check_binding(run, manifest, args.force, "RUN")
         manifests.append(manifest)
