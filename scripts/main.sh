@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "main job: Table 2 at CPU scale, about 22 minutes on 2 CPU cores (11 stages, settings from scripts/selected/cpu-rt.env; the first run also converts the model, ~1 minute)"
+echo "main job: Table 2 at CPU scale, about 29 minutes on 2 CPU cores (12 stages with the retrain oracle, settings from scripts/selected/cpu-rt.env; the first run also converts the model, ~1 minute)"
 PROFILE=cpu OUT=${OUT:-runs/main} bash scripts/table2.sh "$@"
