@@ -6,13 +6,13 @@ import torch
 
 from tests.test_training import features, loss_fn, make_model
 from utils import cli
-from utils.training import TrainConfig, resolve_mixed_precision, train
+from utils.training import LaunchError, TrainConfig, resolve_mixed_precision, train
 
 
 def test_mixed_precision_auto_resolution(monkeypatch):
     assert resolve_mixed_precision("auto", "cpu") == "no"  # CPU stays fp32
     assert resolve_mixed_precision("no", "cpu") == "no" and resolve_mixed_precision("bf16", "cpu") == "bf16"
-    with pytest.raises(cli.UsageError, match="fp16: needs a CUDA device"):
+    with pytest.raises(LaunchError, match="fp16: needs a CUDA device"):
         resolve_mixed_precision("fp16", "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_mixed_precision("auto", "cuda") == "bf16"

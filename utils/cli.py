@@ -10,6 +10,7 @@ from pathlib import Path
 from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataError
 from utils.runs import RunError
 from utils.trackers import TrackerError, check_package, tracker_fields
+from utils.training import LaunchError, read_checkpoint_info
 
 
 class UsageError(ValueError):
@@ -175,7 +176,7 @@ def user_errors() -> tuple[type, ...]:
     from utils.models import ModelNotFound
     from utils.splits import SplitError
 
-    return (UsageError, DataError, RunError, ModelNotFound, SplitError, TrackerError)
+    return (UsageError, DataError, RunError, ModelNotFound, SplitError, TrackerError, LaunchError)
 
 
 def entry_point(main):
@@ -272,8 +273,6 @@ def check_resume(args, out, splits) -> dict:
     accumulation, precision and experiment tracking (``utils.trackers.tracker_fields``: the
     tracker folder is checked to be writable here)."""
     from utils import distributed
-    from utils.training import read_checkpoint_info
-
     folder = checkpoint_dir(out)
     fingerprint = run_fingerprint(args, splits)
     found = read_checkpoint_info(folder)

@@ -43,6 +43,11 @@ from utils.template import collate
 from utils.trackers import Trackers
 
 
+class LaunchError(ValueError):
+    """A training setting this loop cannot run (precision, accumulation, sharded checkpoints,
+    an unsupported accelerate config); one line naming the flag or config. A user error."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -259,9 +264,7 @@ def resolve_mixed_precision(choice: str, device, params=()) -> str:
     on_cuda = torch.device(device).type == "cuda"
     if choice != "auto":
         if choice == "fp16" and not on_cuda:
-            from utils.cli import UsageError
-
-            raise UsageError("--mixed_precision fp16: needs a CUDA device (use bf16 or no on CPU)")
+            raise LaunchError("--mixed_precision fp16: needs a CUDA device (use bf16 or no on CPU)")
         return choice
     if not on_cuda:
         return "no"
@@ -304,9 +307,7 @@ def make_accelerator(cfg: TrainConfig, device, params, trackers=None):
         step_scheduler_with_optimizer=False, **(trackers.accelerator_kwargs() if trackers is not None else {}),
     )
     if accelerator.gradient_accumulation_steps != accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS from a launcher config
-        from utils.cli import UsageError
-
-        raise UsageError(f"--gradient_accumulation_steps {accum}: the accelerate config asks for "
+        raise LaunchError(f"--gradient_accumulation_steps {accum}: the accelerate config asks for "
                          f"{accelerator.gradient_accumulation_steps}; pass the same value or drop it from the config")
     return accelerator, precision
 
@@ -325,13 +326,11 @@ def enable_gradient_checkpointing(model, device, say: bool) -> bool:
 def check_sharding(accelerator, kind: str) -> None:
     """The sharded setups the loop cannot hand back a whole trained model from (the entry points
     evaluate and save the model after ``train``): one line each."""
-    from utils.cli import UsageError
-
     if kind == "FSDP" and getattr(accelerator, "is_fsdp2", False):
-        raise UsageError("accelerate launch: FSDP2 (fsdp_version: 2) is not supported; use fsdp_version: 1 "
+        raise LaunchError("accelerate launch: FSDP2 (fsdp_version: 2) is not supported; use fsdp_version: 1 "
                          "(scripts/accelerate/fsdp_7b_full.yaml)")
     if kind == "DEEPSPEED" and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
-        raise UsageError("accelerate launch: DeepSpeed ZeRO-3 is not supported (evaluation after training needs the "
+        raise LaunchError("accelerate launch: DeepSpeed ZeRO-3 is not supported (evaluation after training needs the "
                          "whole weights in each process); use ZeRO-2 (scripts/accelerate/deepspeed_zero2.yaml) or FSDP")
 
 
@@ -425,9 +424,7 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
     kind = str(accelerator.distributed_type).split(".")[-1]
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if kind in ("FSDP", "DEEPSPEED") and ckpt_dir is not None and (cfg.save_every or cfg.resume):
-        from utils.cli import UsageError
-
-        raise UsageError(f"--save_every/--resume: checkpoints are not supported under {kind} (the weights are sharded); pass --save_every 0")
+        raise LaunchError(f"--save_every/--resume: checkpoints are not supported under {kind} (the weights are sharded); pass --save_every 0")
     check_sharding(accelerator, kind)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, device, main_rank)
