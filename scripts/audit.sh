@@ -20,11 +20,7 @@ AUDIT=$OUT/audit-s$seed
 
 # trained_run DIR: the run an eval folder evaluated (table2.sh evaluates the selection's own runs),
 # else DIR itself
-trained_run() {
-  $PY -c 'import json, sys; from pathlib import Path
-m = json.loads((Path(sys.argv[1]) / "manifest.json").read_text())
-print(m["source"] if m.get("kind") == "eval" else sys.argv[1])' "$1"
-}
+trained_run() { $PY -c 'import sys; from utils.runs import trained_run; print(trained_run(sys.argv[1]))' "$1"; }
 
 if [ "$DRY_RUN" = 1 ]; then
   spul=$OUT/spul-s$seed best=${AUDIT_BASELINE:-'$(best baseline)'} oracle=$OUT/retrain-s$seed

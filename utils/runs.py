@@ -87,6 +87,12 @@ def read_manifest(run_dir: Path, flag: str = "--model_checkpoints", kinds: tuple
     return manifest
 
 
+def trained_run(run_dir) -> Path:
+    """The run an eval folder (``inference_spul.py``) evaluated, else ``run_dir`` itself."""
+    manifest = read_json(Path(run_dir) / MANIFEST)
+    return Path(manifest["source"]) if manifest.get("kind") == "eval" else Path(run_dir)
+
+
 def warn_if_oracle(manifest: dict | None, run_dir, flag: str = "--model_checkpoints") -> None:
     """One warning line when an unlearning run starts from a retrain oracle (qlora.py
     --retain_only), which never saw the forget set: there is nothing to unlearn."""

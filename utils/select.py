@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from utils.runs import CONFIG, MANIFEST, METRICS, read_json
+from utils.runs import CONFIG, MANIFEST, METRICS, read_json, trained_run
 
 READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
 # flags a grid varies, per run kind; their selected values are what the recipes pass on
@@ -48,9 +48,8 @@ def read_run(folder: Path) -> dict:
         if not (folder / f).is_file():
             raise SelectionError(f"{folder}: no {f} (not a finished run)")
     metrics, config, manifest = read_json(folder / METRICS), read_json(folder / CONFIG), read_json(folder / MANIFEST)
-    trained = folder
-    if manifest.get("kind") == "eval":  # an evaluation of a run: that run's method and flags
-        trained = Path(manifest["source"])
+    trained = trained_run(folder)
+    if trained != folder:  # an evaluation of a run: that run's method and flags
         manifest = manifest["evaluated"]
         config = read_json(trained / CONFIG) if (trained / CONFIG).is_file() else {}
     missing = [s for s in READ if s not in metrics]
