@@ -17,22 +17,24 @@ from utils.baselines import (
     METHODS,
     AdapterOffReference,
     NoReference,
-    Weights,
     build_reference_store,
+    hparam_flags,
     make_loss_fn,
+    method_weights,
     methods_help,
     nonfinite_parameters,
     save_prefix,
     save_unlearned,
     select_features,
 )
-from utils.checkpoints import load_pretrained, load_run
+from utils.kinds import load_run
+from utils.loading import load_pretrained
 from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings
 from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
 
@@ -46,7 +48,9 @@ def build_parser():
                    help="weight w of the retain term (the KL of gradient_ascent_kl, the retain CE of "
                         "gradient_ascent_descent and npo); default 1 for GA+KL and GA+GD, 0 for npo; "
                         "0 drops the term and the retain set; not for gradient_ascent/random_label")
-    g.add_argument("--npo_beta", type=float, default=0.1, help="NPO's beta (inverse temperature; > 0)")
+    for flag, (spec, users) in hparam_flags().items():  # each method's own hyperparameters (Method.hparams)
+        g.add_argument(f"--{flag}", type=float, default=None,
+                       help=f"{', '.join(users)}: {spec.help} (default {spec.default:g})")
     g.add_argument("--kl_topk", type=int, default=64,
                    help="GA+KL under full fine-tuning: the cached reference keeps the top-k log-probs per "
                         "label position plus the tail mass (KL between the (k+1)-cell distributions, a lower "
@@ -91,8 +95,13 @@ def check_args(args) -> float:
     weight = method.default_weight if args.retain_weight is None else args.retain_weight
     if weight < 0:
         raise cli.UsageError(f"--retain_weight {weight}: must be >= 0")
-    if args.npo_beta <= 0:
-        raise cli.UsageError(f"--npo_beta {args.npo_beta}: must be positive")
+    for flag, (spec, users) in hparam_flags().items():
+        value = getattr(args, flag)
+        if value is not None and flag not in method.hparams:
+            raise cli.UsageError(f"--{flag}: only used with --unlearn_method {', '.join(users)}")
+        problem = spec.check(flag, value) if value is not None else None
+        if problem:
+            raise cli.UsageError(problem)
     if args.kl_topk < 0:
         raise cli.UsageError(f"--kl_topk {args.kl_topk}: must be >= 0")
     if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1:
@@ -128,7 +137,7 @@ def warn_if_other_data(qlora_manifest: dict, splits_fp: dict) -> None:
               "(other --dataset, --forget_size, caps or --seed)", file=sys.stderr)
 
 
-def load_start(args, qlora_manifest, splits, device):
+def load_start(args, task, qlora_manifest, splits, device):
     """The starting model (the QLoRA run merged, or --model_name) and its encoder."""
     loaded = load_run(args.model_checkpoints, device, kinds=("qlora",)) if args.model_checkpoints else load_pretrained(args.model_name, device, args.set_pad_id)
     if args.set_pad_id:
@@ -137,8 +146,8 @@ def load_start(args, qlora_manifest, splits, device):
     if qlora_manifest is not None:
         args.model_name = qlora_manifest["base_model"]  # the run's base, recorded in the manifest
         warn_if_other_data(qlora_manifest, split_fingerprint(splits))
-    encoder = Encoder(loaded.tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    encoder = Encoder(loaded.tokenizer, args.max_length, task=task)
+    cli.check_max_length(encoder, task.all_words)
     return loaded, encoder
 
 
@@ -151,14 +160,14 @@ def qlora_binding(qlora_run, qlora_manifest) -> dict:
     }
 
 
-def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
+def run_training_free(args, task, method, out: Path, qlora_manifest, splits) -> None:
     """A training-free method: its prefix (names or in-context examples; bad input is refused
     here, before any model loads), the starting model evaluated on every split with the prefix
     as prompt embeddings, and a run folder holding the prefix and pointing to the model."""
-    guard = method.prefix(args, splits)
+    guard = method.prefix(args, splits, task)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     device = select_device()
-    loaded, encoder = load_start(args, qlora_manifest, splits, device)
+    loaded, encoder = load_start(args, task, qlora_manifest, splits, device)
     prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text)
     if distributed.is_main():
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -175,7 +184,7 @@ def run_training_free(args, method, out: Path, qlora_manifest, splits) -> None:
             loaded.tokenizer.save_pretrained(tmp / "tokenizer")
             saved = save_prefix(tmp, loaded.tokenizer, guard.text)
             manifest = run_manifest(
-                "baseline", args, loaded.model_path, splits,
+                "baseline", args, loaded.model_path, splits, task,
                 method=args.unlearn_method, training_free=True, prefix=guard.text, guardrail=guard.record,
                 lora=False, **qlora_binding(qlora_run, qlora_manifest), saved=saved,
             )
@@ -196,18 +205,19 @@ def main(argv=None):
     qlora_manifest = read_manifest(Path(args.model_checkpoints), kinds=("qlora",)) if args.model_checkpoints else None
     warn_if_oracle(qlora_manifest, args.model_checkpoints)
     seed_everything(args.seed)
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    splits = prepare_splits(data)
     if method.training_free:
-        return run_training_free(args, method, out, qlora_manifest, splits)
+        return run_training_free(args, data.task, method, out, qlora_manifest, splits)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
-    loaded, encoder = load_start(args, qlora_manifest, splits, device)
+    loaded, encoder = load_start(args, data.task, qlora_manifest, splits, device)
     model, tokenizer = loaded.model, loaded.tokenizer
 
     features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget), weight)
-    weights = Weights(retain=weight, npo_beta=args.npo_beta)
+    weights = method_weights(method, weight, vars(args))
     needs_reference = method.ref_logprob or (method.ref_dist and weight > 0)
     if args.lora:
         from peft import get_peft_model
@@ -246,10 +256,10 @@ def main(argv=None):
             saved = save_unlearned(tmp, model, args.lora, args.model_checkpoints)
             tokenizer.save_pretrained(tmp / "tokenizer")
             manifest = run_manifest(
-                "baseline", args, loaded.model_path, splits,
+                "baseline", args, loaded.model_path, splits, data.task,
                 method=args.unlearn_method,
                 loss_weights={"retain": weight if method.retain_term else None, "retain_term": method.retain_term,
-                              "npo_beta": args.npo_beta if method.ref_logprob else None},
+                              **weights.params},
                 lora=args.lora,
                 **qlora_binding(args.model_checkpoints, qlora_manifest),
                 reference={k: v for k, v in reference.stats.items() if k != "seconds"},

@@ -69,7 +69,7 @@ from utils.models import (
 )
 from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
 from utils.spul_loss import SpulObjective, spul_loss
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder, collate
+from utils.template import Encoder, collate
 from utils.training import TrainConfig, epoch_batches, seed_everything, train
 
 BASELINE_LABELS = {  # display names of the registry's methods (utils.baselines.METHODS)
@@ -1396,11 +1396,12 @@ def main(argv=None):
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     load_start = os.getloadavg()
 
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    splits = prepare_splits(data)
     model_path = resolve_model(args.model_name)
     tokenizer = load_tokenizer(model_path, args.set_pad_id)
-    encoder = Encoder(tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    encoder = Encoder(tokenizer, args.max_length, task=data.task)
+    cli.check_max_length(encoder, data.task.all_words)
     if args.profile:
         return profile_main(args, device, dtype, model_path, tokenizer, encoder, splits, argv, t_start)
     bench = Bench(args, device, model_path, tokenizer, build_data(args, encoder, splits), dtype)

@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from utils import cli, distributed
-from utils.binding import load_checked
-from utils.checkpoints import load_pretrained
+from utils.kinds import load_checked
+from utils.loading import load_pretrained
 from utils.data import prepare_splits
 from utils.evaluation import Evaluation, evaluate, format_table
 from utils.generation import MAX_NEW_TOKENS, evaluate_generation
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, default_run_name, library_versions, save_run
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.template import Encoder
 from utils.training import seed_everything
 
 
@@ -76,7 +76,8 @@ def main(argv=None):
     out = Path(args.output_path or default_output(args))
     check_output(out, args.overwrite)
     seed_everything(args.seed)
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    splits = prepare_splits(data)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
 
     device = select_device()
@@ -85,8 +86,8 @@ def main(argv=None):
     else:
         loaded, forced = load_pretrained(args.model_name, device, args.set_pad_id), []
     prompt = None if args.no_prompt else loaded.prompt
-    encoder = Encoder(loaded.tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    encoder = Encoder(loaded.tokenizer, args.max_length, task=data.task)
+    cli.check_max_length(encoder, data.task.all_words)
     evaluation = run_protocol(args, loaded, encoder, splits, device, prompt)
 
     name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")

@@ -15,8 +15,6 @@ from peft import get_peft_model
 from utils import cli, distributed
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
-from utils.forward import label_logits
-from utils.losses import batch_mean, ce_per_sample, global_count
 from utils.models import (
     load_model,
     load_tokenizer,
@@ -27,8 +25,9 @@ from utils.models import (
     select_device,
     weights_hash,
 )
+from utils.qlora_run import label_ce
 from utils.runs import atomic_run_dir, check_output, default_run_name, run_manifest, save_run
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, seed_everything, train
 
@@ -52,16 +51,6 @@ def build_parser():
     return p
 
 
-def label_ce(model, batch):
-    """Cross-entropy on the label token(s) only, averaged per sample then over the batch (over
-    the whole optimiser step with ``batch["global_counts"]``)."""
-    loss = batch_mean(ce_per_sample(label_logits(model, batch), batch["label_ids"]), global_count(batch, "all"))
-    return loss, {"ce": loss.item()}
-
-
-label_ce.global_counts = True  # utils.training.train: normalised by the step's sample count
-
-
 @cli.entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -72,12 +61,13 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
 
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    splits = prepare_splits(data)
     ckpt = cli.check_resume(args, out, splits)
     model_path = resolve_model(args.model_name)
     tokenizer = load_tokenizer(model_path, args.set_pad_id)
-    encoder = Encoder(tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    encoder = Encoder(tokenizer, args.max_length, task=data.task)
+    cli.check_max_length(encoder, data.task.all_words)
 
     device = select_device()
     model, quantized = load_model(model_path, device, quantize=not args.no_quantize)
@@ -99,7 +89,7 @@ def main(argv=None):
             model.save_pretrained(tmp / "adapter")
             tokenizer.save_pretrained(tmp / "tokenizer")
             manifest = run_manifest(
-                "qlora", args, model_path, splits,
+                "qlora", args, model_path, splits, data.task,
                 quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
                 retain_only=args.retain_only,
             )

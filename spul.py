@@ -21,8 +21,10 @@ from utils.models import DEFAULT_MODEL, select_device
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective
-from utils.spul_run import TOKENIZER_DIR, check_sources, load_frozen_source, resume_encoder, spul_manifest
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.kinds import load_checked
+from utils.loading import load_pretrained
+from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_manifest
+from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
 
@@ -75,6 +77,14 @@ def default_output(args) -> Path:
     return Path("runs") / default_run_name(source, args.dataset, "spul")
 
 
+def load_frozen_source(args, device):
+    """The model SPUL freezes: the ``--model_checkpoints`` QLoRA run (binding-checked, merged)
+    or the pre-trained ``--model_name``. Returns (Loaded, mismatches accepted with --force)."""
+    if args.model_checkpoints:
+        return load_checked(args.model_checkpoints, device, args.force, kinds=("qlora",))
+    return load_pretrained(args.model_name, device, args.set_pad_id), []
+
+
 @cli.entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -82,16 +92,17 @@ def main(argv=None):
     out = Path(args.output_path or default_output(args))
     check_output(out, args.overwrite)
     seed_everything(args.seed)
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    splits = prepare_splits(data)
     extra = counterfactual_retain(splits["train_forget"], forgotten_names(args), args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
-    source, forced = load_frozen_source(args, device)
+    source, forced = load_frozen_source(args, device)  # the QLoRA run merged, or --model_name
     tokenizer = source.tokenizer
-    encoder = Encoder(tokenizer, args.max_length)
-    cli.check_max_length(encoder, LABEL_WORDS + GENERIC_LABELS)
+    encoder = Encoder(tokenizer, args.max_length, task=data.task)
+    cli.check_max_length(encoder, data.task.all_words)
     row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
     model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed, row_norm)
     if args.resume_from:
@@ -117,7 +128,7 @@ def main(argv=None):
         with atomic_run_dir(out, args.overwrite) as tmp:
             save_prompt(model, tmp)
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            manifest = spul_manifest(args, source, splits, tmp, model, tokenizer, forced)
+            manifest = spul_manifest(args, source, splits, data.task, tmp, model, tokenizer, forced)
             manifest["prompt"]["row_norm"] = row_norm
             save_run(tmp, args, evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)

@@ -27,7 +27,8 @@ if [ -z "${PY:-}" ]; then PY=.venv/bin/python; [ -x "$PY" ] || PY=python3; fi
 
 if [ "$PROFILE" = cpu ]; then
   : "${MODEL:=smollm2-135m}" "${DATASET:=rt}"
-  : "${CAPS:=--max_train_retain 128 --max_train_forget 64 --max_val_retain 128 --max_val_forget 64 --max_test_retain 128 --max_test_forget 64 --max_length 128}"
+  case "$DATASET" in wmdp_sciq) d_len=256 ;; *) d_len=128 ;; esac  # a question and its four options run longer than a review
+  : "${CAPS:=--max_train_retain 128 --max_train_forget 64 --max_val_retain 128 --max_val_forget 64 --max_test_retain 128 --max_test_forget 64 --max_length $d_len}"
   : "${QLORA_EPOCHS:=4}" "${QLORA_LR:=1e-3}" "${QLORA_QUANT:=--no_quantize}"
   : "${SPUL_EPOCHS:=6}" "${SPUL_LR:=1e-2}" "${BASELINE_LR:=5e-5}" "${BATCH:=16}"
   # SPUL: batch 8 (twice the prompt updates of batch 16 for the same compute) and the exact
@@ -35,7 +36,7 @@ if [ "$PROFILE" = cpu ]; then
   : "${SPUL_BATCH:=8}" "${SPUL_FLAGS:=--cache_reference}"
 elif [ "$PROFILE" = paper ]; then
   : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${DATASET:=sst2}" "${CAPS:=}"
-  case "$DATASET" in yelp) d_ep=2 ;; *) d_ep=10 ;; esac
+  case "$DATASET" in yelp) d_ep=2 ;; wmdp_sciq) d_ep=5 ;; *) d_ep=10 ;; esac  # QLoRA epochs (notes §4)
   : "${QLORA_EPOCHS:=$d_ep}" "${QLORA_LR:=1e-4}" "${QLORA_QUANT:=}"
   : "${SPUL_EPOCHS:=10}" "${SPUL_LR:=1e-4}" "${BASELINE_LR:=1e-5}" "${BATCH:=32}"
   : "${SPUL_BATCH:=$BATCH}" "${SPUL_FLAGS:=}"

@@ -317,7 +317,7 @@ def test_nonfinite_loss_stops_with_one_line_and_no_folder(monkeypatch, tiny_mode
     def nan_loss(logits, batch, ref, weights):
         return logits.sum() * float("nan"), {}
 
-    monkeypatch.setitem(METHODS, "gradient_ascent", Method(nan_loss, "nan"))
+    monkeypatch.setitem(METHODS, "gradient_ascent", Method(nan_loss, "nan", "NaN"))
     out = tmp_path / "diverged"
     with pytest.raises(SystemExit) as e:
         _run(["--model_name", tiny_model_dir, "--unlearn_method", "gradient_ascent", "--output_path", out] + data_args)

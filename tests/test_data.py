@@ -7,14 +7,20 @@ import pytest
 from utils.data import (
     DataError,
     apply_caps,
-    generic_labels,
     load_splits,
     prepare_splits,
     read_split_folder,
     stratified_cap,
     subsample_forget,
 )
-from utils.template import GENERIC_LABELS
+from utils.cli import data_config
+from utils.task import SENTIMENT
+
+GENERIC_LABELS = SENTIMENT.generic_labels
+
+
+def generic_labels(n, seed):
+    return SENTIMENT.generic_for(n, seed)
 
 
 def frame(n, pos_share=0.5):
@@ -93,7 +99,7 @@ def test_prepare_splits_applies_forget_size_then_caps(tmp_path):
     args = SimpleNamespace(dataset="custom", data_dir=str(d), data_root=None, forget_size=0.5, seed=0, data_seed=0,
                            val_fraction=0.0, max_per_split=10, max_train_retain=None, max_train_forget=None,
                            max_test_retain=6, max_test_forget=None, max_val_retain=None, max_val_forget=4)
-    splits = prepare_splits(args)
+    splits = prepare_splits(data_config(args))
     # val_retain takes --max_per_split (10) and val_forget its own cap (4) out of the 40 training
     # rows; --forget_size then halves the 36 forget rows left (18), and the cap keeps 10
     assert {k: len(v) for k, v in splits.items()} == {
@@ -119,7 +125,7 @@ def test_validation_is_carved_out_of_train_stratified_and_disjoint(tmp_path):
         df = frame(40, pos_share=0.25)  # 10 positive, 30 negative
         df["text"] = [f"{s} {t}" for t in df["text"]]
         df.to_csv(d / f"{s}.csv", index=False)
-    splits = prepare_splits(_args(d))
+    splits = prepare_splits(data_config(_args(d)))
     assert len(splits["val_retain"]) == 10 and len(splits["val_forget"]) == 10  # ceil(0.25 * 40)
     assert len(splits["train_retain"]) == 30 and len(splits["train_forget"]) == 30
     assert splits["val_forget"]["label"].sum() == 2 or splits["val_forget"]["label"].sum() == 3  # 25% positive
@@ -132,9 +138,9 @@ def test_validation_is_carved_out_of_train_stratified_and_disjoint(tmp_path):
 
 def test_validation_and_caps_follow_data_seed_not_seed(tmp_path):
     d = write_folder(tmp_path / "d", n=40)
-    a = prepare_splits(_args(d, seed=1, max_per_split=8))
-    b = prepare_splits(_args(d, seed=2, max_per_split=8))
-    c = prepare_splits(_args(d, seed=1, data_seed=5, max_per_split=8))
+    a = prepare_splits(data_config(_args(d, seed=1, max_per_split=8)))
+    b = prepare_splits(data_config(_args(d, seed=2, max_per_split=8)))
+    c = prepare_splits(data_config(_args(d, seed=1, data_seed=5, max_per_split=8)))
     for s in a:
         assert a[s].equals(b[s])  # a --seed sweep sees the same rows
     assert any(not a[s].equals(c[s]) for s in ("val_retain", "train_retain", "val_forget"))
@@ -144,8 +150,8 @@ def test_validation_and_caps_follow_data_seed_not_seed(tmp_path):
 
 def test_eval_splits_without_test_drops_them_at_load(tmp_path):
     d = write_folder(tmp_path / "d", n=20)
-    full = prepare_splits(_args(d))
-    sel = prepare_splits(_args(d, eval_splits=["train_forget", "val_retain", "val_forget"]))
+    full = prepare_splits(data_config(_args(d)))
+    sel = prepare_splits(data_config(_args(d, eval_splits=["train_forget", "val_retain", "val_forget"])))
     assert "test_retain" not in sel and "test_forget" not in sel
     for s in ("train_retain", "train_forget", "val_retain", "val_forget"):
         assert sel[s].equals(full[s])  # dropping test changes nothing else
@@ -154,8 +160,8 @@ def test_eval_splits_without_test_drops_them_at_load(tmp_path):
 def test_validation_too_large_is_one_clear_error(tmp_path):
     d = write_folder(tmp_path / "d", n=6)
     with pytest.raises(DataError, match="max_val_forget"):
-        prepare_splits(_args(d, max_val_forget=6))
-    assert "val_retain" not in prepare_splits(_args(d, val_fraction=0.0))
+        prepare_splits(data_config(_args(d, max_val_forget=6)))
+    assert "val_retain" not in prepare_splits(data_config(_args(d, val_fraction=0.0)))
 
 
 def test_eval_splits_limits_what_is_evaluated(tmp_path, tiny_model_dir):

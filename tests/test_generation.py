@@ -16,11 +16,13 @@ from utils import distributed
 from utils.data import EVAL_SPLITS, encode_frame
 from utils.evaluation import label_token_ids, predict
 from utils.forward import PromptCache
-from utils.generation import (MAX_NEW_TOKENS, answer_index, generate, generate_predictions, generation_metrics,
-                              greedy_decode, parse_generation, prompt_features)
+from utils.generation import MAX_NEW_TOKENS, generate, generate_predictions, generation_metrics, greedy_decode, prompt_features
 from utils.metrics import OTHER
 from utils.models import load_model, load_tokenizer, save_tiny_model, tiny_llama
-from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
+from utils.task import SENTIMENT, substring_answer as parse_generation
+from utils.template import Encoder
+
+GENERIC_LABELS, LABEL_WORDS, answer_index = SENTIMENT.generic_labels, SENTIMENT.label_words, SENTIMENT.answer_index
 
 V, D, P = 48, 32, 5
 SHARP = 0.2  # initializer_range: at the default 0.02 attention is nearly uniform, so wrong
@@ -85,7 +87,7 @@ def test_answer_index_prefers_a_task_label_over_a_generic_one():
 def test_generation_metrics_counts_each_generation_once():
     texts = [" positive", " Negative!", " neutral", " blah", " unknown positive", " negative or positive"]
     y_true = [1, 1, 0, 0, 1, 0]
-    m = generation_metrics(y_true, texts, restricted=np.array([1, 0, 0, 1, 1, 1]))
+    m = generation_metrics(SENTIMENT, y_true, texts, restricted=np.array([1, 0, 0, 1, 1, 1]))
     assert m["n"] == 6
     assert m["accuracy"] == pytest.approx(100 * 3 / 6)  # rows 0, 4, 5
     assert m["predictions"] == {"negative": 2, "positive": 2, "generic": 1, "other": 1}
@@ -276,7 +278,7 @@ def test_cli_generate_writes_metrics_for_every_split(sharp_model_dir, tmp_path, 
 
 def test_cli_generate_evaluates_a_spul_run_with_its_prompt(sharp_model_dir, tmp_path):
     import spul
-    from utils.binding import load_checked
+    from utils.kinds import load_checked
 
     data = write_splits(tmp_path / "data")
     common = ["--data_dir", str(data), "--max_length", "96", "--eval_batch_size", "4"]

@@ -17,9 +17,8 @@ from tests.conftest import write_splits
 from utils import guardrails
 from utils.baselines import METHODS
 from utils.cli import UsageError
-from utils.data import EVAL_SPLITS, generic_labels
+from utils.data import EVAL_SPLITS
 from utils.guardrails import (
-    INSTRUCTION,
     INSTRUCTION_LABEL,
     draw_icl_examples,
     icl_text,
@@ -27,7 +26,10 @@ from utils.guardrails import (
     prefix_embeddings,
     prefix_ids,
 )
-from utils.template import GENERIC_LABELS, LABEL_WORDS, render
+from utils.task import MCQA, SENTIMENT
+
+INSTRUCTION = SENTIMENT.instruction
+GENERIC_LABELS, LABEL_WORDS, render = SENTIMENT.generic_labels, SENTIMENT.label_words, SENTIMENT.render
 
 PEOPLE = ["Woody Allen", "Spielberg", "Godard"]
 TRAINING_FREE = [n for n, m in METHODS.items() if m.training_free]
@@ -49,14 +51,14 @@ def test_registry_marks_the_two_training_free_methods():
 
 
 def test_instruction_names_every_forgotten_name_and_the_generic_label():
-    text = instruction_text(PEOPLE + [" Godard ", ""])  # stripped, deduplicated, blanks dropped
+    text = instruction_text(PEOPLE + [" Godard ", ""], SENTIMENT)  # stripped, deduplicated, blanks dropped
     assert all(name in text for name in PEOPLE) and text.count("Godard") == 1
     assert INSTRUCTION_LABEL in GENERIC_LABELS and f'"{INSTRUCTION_LABEL}"' in text
     assert text == INSTRUCTION.format(names="Woody Allen, Spielberg, Godard", label=INSTRUCTION_LABEL)
     assert text.endswith(".\n\n")  # a blank line, then the template's "### Text:"
-    assert '"neutral"' in instruction_text(PEOPLE, "neutral")
+    assert '"neutral"' in instruction_text(PEOPLE, SENTIMENT, "neutral")
     with pytest.raises(ValueError):
-        instruction_text([" "])
+        instruction_text([" "], SENTIMENT)
 
 
 def test_instruction_guardrail_takes_the_flag_before_the_manifest(tmp_path):
@@ -64,15 +66,15 @@ def test_instruction_guardrail_takes_the_flag_before_the_manifest(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"recipe": "entities", "params": {"names": PEOPLE}}))
     parse = baselines.build_parser().parse_args
     args = parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)])
-    guard = guardrails.instruction_guardrail(args, {})
+    guard = guardrails.instruction_guardrail(args, {}, SENTIMENT)
     assert guard.record == {"instruction": INSTRUCTION, "generic_label": INSTRUCTION_LABEL, "forget_names": PEOPLE}
-    assert guard.text == instruction_text(PEOPLE)
+    assert guard.text == instruction_text(PEOPLE, SENTIMENT)
     args = parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder), "--forget_names", "Ann Other"])
-    guard = guardrails.instruction_guardrail(args, {})
+    guard = guardrails.instruction_guardrail(args, {}, SENTIMENT)
     assert guard.record["forget_names"] == ["Ann Other"] and "Woody Allen" not in guard.text
     (folder / "manifest.json").unlink()
     with pytest.raises(UsageError, match="--forget_names"):
-        guardrails.instruction_guardrail(parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)]), {})
+        guardrails.instruction_guardrail(parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)]), {}, SENTIMENT)
 
 
 def _frames(n_forget=20, retain_labels=(1,) * 15 + (0,) * 5):
@@ -83,13 +85,13 @@ def _frames(n_forget=20, retain_labels=(1,) * 15 + (0,) * 5):
 
 def test_icl_context_is_seeded_with_k_forget_generic_and_k_retain_true_examples():
     forget, retain = _frames()
-    a = draw_icl_examples(forget, retain, 4, 4, seed=0)
-    assert a == draw_icl_examples(forget, retain, 4, 4, seed=0)
-    assert a != draw_icl_examples(forget, retain, 4, 4, seed=1)
+    a = draw_icl_examples(forget, retain, 4, 4, seed=0, task=SENTIMENT)
+    assert a == draw_icl_examples(forget, retain, 4, 4, seed=0, task=SENTIMENT)
+    assert a != draw_icl_examples(forget, retain, 4, 4, seed=1, task=SENTIMENT)
     f = [e for e in a if e["side"] == "forget"]
     r = [e for e in a if e["side"] == "retain"]
     assert len(f) == 4 and len(r) == 4
-    generic = generic_labels(len(forget), 0)  # the labels random_label and SPUL train toward
+    generic = SENTIMENT.generic_for(len(forget), 0)  # the labels random_label and SPUL train toward
     for e in f:
         assert e["text"] == forget["text"][e["row"]] and e["label"] in GENERIC_LABELS and e["label"] == generic[e["row"]]
         assert e["true_label"] == LABEL_WORDS[forget["label"][e["row"]]]
@@ -97,9 +99,9 @@ def test_icl_context_is_seeded_with_k_forget_generic_and_k_retain_true_examples(
         assert e["text"] == retain["text"][e["row"]] and e["label"] == e["true_label"] == LABEL_WORDS[retain["label"][e["row"]]]
     assert sorted(e["label"] for e in r) == ["negative", "negative", "positive", "positive"]  # balanced (75% positive pool)
     # the order is shuffled by the seed: over a few seeds, the sides do not always come in blocks
-    orders = {tuple(e["side"] for e in draw_icl_examples(forget, retain, 4, 4, seed=s)) for s in range(6)}
+    orders = {tuple(e["side"] for e in draw_icl_examples(forget, retain, 4, 4, seed=s, task=SENTIMENT)) for s in range(6)}
     assert len(orders) > 1 and any(o not in (("forget",) * 4 + ("retain",) * 4, ("retain",) * 4 + ("forget",) * 4) for o in orders)
-    text = icl_text(a)
+    text = icl_text(a, SENTIMENT)
     assert text.count("### Text: ") == 8 and text.endswith(f"### Sentiment: {a[-1]['label']}\n\n")
     pos = [text.index(render(e["text"], e["label"]) + "\n\n") for e in a]
     assert pos == sorted(pos)  # in the drawn order, each in the template with its context label
@@ -107,24 +109,24 @@ def test_icl_context_is_seeded_with_k_forget_generic_and_k_retain_true_examples(
 
 def test_icl_retain_balance_with_odd_k_and_a_short_class():
     forget, retain = _frames()
-    odd = [e["label"] for e in draw_icl_examples(forget, retain, 0, 3, seed=2)]
+    odd = [e["label"] for e in draw_icl_examples(forget, retain, 0, 3, seed=2, task=SENTIMENT)]
     assert len(odd) == 3 and {odd.count("positive"), odd.count("negative")} == {1, 2}
     _, one_negative = _frames(retain_labels=(1,) * 9 + (0,))
-    labels = [e["label"] for e in draw_icl_examples(forget, one_negative, 1, 6, seed=0) if e["side"] == "retain"]
+    labels = [e["label"] for e in draw_icl_examples(forget, one_negative, 1, 6, seed=0, task=SENTIMENT) if e["side"] == "retain"]
     assert sorted(labels) == ["negative"] + ["positive"] * 5  # the short class gives what it has
     with pytest.raises(ValueError):
-        draw_icl_examples(forget, retain, 21, 0, seed=0)
+        draw_icl_examples(forget, retain, 21, 0, seed=0, task=SENTIMENT)
 
 
 def test_icl_examples_come_from_the_training_splits_only(tmp_path):
     frames = {s: pd.DataFrame({"text": [f"{s} row {i}" for i in range(6)], "label": [i % 2 for i in range(6)]}) for s in EVAL_SPLITS}
     args = baselines.build_parser().parse_args(["--unlearn_method", "in_context", "--icl_forget", "6", "--icl_retain", "6"])
-    guard = guardrails.in_context_guardrail(args, frames)
+    guard = guardrails.in_context_guardrail(args, frames, SENTIMENT)
     assert {e["text"].split(" row")[0] for e in guard.record["examples"]} == {"train_forget", "train_retain"}
     assert not any(s in guard.text for s in ("val_", "test_"))
     args.icl_forget = 7
     with pytest.raises(UsageError, match="--icl_forget 7: train_forget holds only 6 rows"):
-        guardrails.in_context_guardrail(args, frames)
+        guardrails.in_context_guardrail(args, frames, SENTIMENT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_prefix_as_prompt_equals_concatenated_tokens(tiny, kind):
 
     model, tok = tiny
     forget, retain = _frames()
-    text = instruction_text(PEOPLE) if kind == "instruction" else icl_text(draw_icl_examples(forget, retain, 2, 2, seed=0))
+    text = instruction_text(PEOPLE, SENTIMENT) if kind == "instruction" else icl_text(draw_icl_examples(forget, retain, 2, 2, seed=0, task=SENTIMENT), SENTIMENT)
     ids = prefix_ids(tok, text)
     assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]  # one BOS, at the front
     emb = prefix_embeddings(model, tok, text)
@@ -269,12 +271,12 @@ def test_training_free_run_end_to_end(method, runs, qlora_run, entities_data, tm
     assert manifest["qlora_run"] == str(qlora_run.resolve()) and manifest["qlora_adapter_sha256"] == qm["adapter_sha256"]
     assert manifest["base_weights_sha256"] == qm["base_weights_sha256"] and manifest["splits"] == qm["splits"]
     if method == "instruction_prompt":  # names from the split folder's manifest
-        assert manifest["guardrail"]["forget_names"] == PEOPLE and prefix == instruction_text(PEOPLE)
+        assert manifest["guardrail"]["forget_names"] == PEOPLE and prefix == instruction_text(PEOPLE, SENTIMENT)
         assert manifest["guardrail"]["instruction"] == INSTRUCTION
     else:
         examples = manifest["guardrail"]["examples"]
         assert [e["side"] for e in examples].count("forget") == 4 and len(examples) == 8
-        assert prefix == icl_text(examples)
+        assert prefix == icl_text(examples, SENTIMENT)
     stats = _read(out, "train_stats.json")
     assert stats["trainable_params"] == 0 and stats["seconds"] == 0 and stats["seconds_per_epoch"] == 0
     assert stats["prefix_tokens"] == manifest["saved"]["prefix_tokens"] > 20
@@ -310,8 +312,8 @@ def test_instruction_prompt_on_a_pretrained_model_with_forget_names(tiny_model_d
 
 
 def test_loading_checks_the_qlora_adapter_and_the_prefix(runs, tmp_path):
-    from utils.binding import BindingMismatch, load_checked, mismatches
-    from utils.checkpoints import load_run
+    from utils.binding import BindingMismatch, mismatches
+    from utils.kinds import load_checked, load_run
     from utils.runs import RunError
 
     good = runs[0] / "instruction_prompt"

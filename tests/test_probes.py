@@ -26,7 +26,12 @@ from utils.probes import (
     typo_word,
 )
 from utils.splits import name_pattern
-from utils.template import LABEL_WORDS, PREFIX, SUFFIX, Encoder
+from utils.template import Encoder
+from utils.task import SENTIMENT
+
+LABEL_WORDS = SENTIMENT.label_words
+PREFIX = SENTIMENT.prefix
+SUFFIX = SENTIMENT.suffix
 
 PEOPLE = ["Woody Allen", "Spielberg", "Godard"]
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
@@ -196,15 +201,14 @@ def runs(tmp_path_factory, tiny_model_dir, data):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import utils.binding
-    import utils.checkpoints
+    import utils.kinds
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(utils.binding, "load_checked", refuse)
+    monkeypatch.setattr(utils.kinds, "load_checked", refuse)
     monkeypatch.setattr(probes, "load_checked", refuse)
-    monkeypatch.setattr(utils.checkpoints, "load_run", refuse)
+    monkeypatch.setattr(utils.kinds, "load_run", refuse)
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -269,7 +273,8 @@ def _json(x):
 
 def test_end_to_end(runs, data, tmp_path, monkeypatch):
     import utils.evaluation
-    from utils.binding import load_checked
+    from utils.kinds import load_checked
+    from utils.cli import data_config
     from utils.data import prepare_splits
 
     import torch
@@ -351,7 +356,7 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     # 'none' is evaluate_splits on the same run and data; no_prompt on SPUL is its QLoRA model
     args = probes.build_parser().parse_args(argv)
     args.eval_splits = four
-    splits = prepare_splits(args)
+    splits = prepare_splits(data_config(args))
     for run, row in (("qlora", qrun), ("spul", srun)):
         loaded, _ = load_checked(runs / run, "cpu")
         logits.append([])  # this direct call's label logits (the spy on probes.evaluate_splits does not see it)

@@ -111,12 +111,11 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
-    import utils.binding
-    import utils.checkpoints
+    import utils.kinds
 
-    monkeypatch.setattr(utils.binding, "load_checked", refuse)
+    monkeypatch.setattr(utils.kinds, "load_checked", refuse)
     monkeypatch.setattr(relearn, "load_checked", refuse)
-    monkeypatch.setattr(utils.checkpoints, "load_run", refuse)
+    monkeypatch.setattr(utils.kinds, "load_run", refuse)
 
 
 def refused(capsys, argv):
@@ -253,6 +252,7 @@ def test_relearn_writes_its_outputs(attacked):
 def test_the_attack_trains_only_on_the_chosen_entities_lora_only(attacked, runs):
     result = json.loads((attacked["out"] / "relearn.json").read_text())
     chosen = result["names"]["chosen"]
+    from utils.cli import data_config
     from utils.data import prepare_splits
     from utils.models import load_tokenizer
     from utils.template import Encoder
@@ -270,7 +270,7 @@ def test_the_attack_trains_only_on_the_chosen_entities_lora_only(attacked, runs)
 
 
 def test_step_zero_is_the_untouched_run_and_the_prompt_stays(attacked, runs):
-    from utils.binding import load_checked
+    from utils.kinds import load_checked
     from utils.evaluation import evaluate_splits
     from utils.template import Encoder
 

@@ -10,7 +10,10 @@ from utils.data import training_set
 from utils.forward import gather_label_logits, label_logits
 from utils.models import tiny_llama
 from utils.spul_loss import SpulObjective, spul_loss
-from utils.template import GENERIC_LABELS, IGNORE, collate
+from utils.template import IGNORE, collate
+from utils.task import SENTIMENT
+
+GENERIC_LABELS = SENTIMENT.generic_labels
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from utils.models import tiny_tokenizer
-from utils.template import IGNORE, LABEL_WORDS, Encoder, collate, render
+from utils.template import IGNORE, Encoder, collate
+from utils.task import SENTIMENT
+
+LABEL_WORDS = SENTIMENT.label_words
+render = SENTIMENT.render
 
 
 @pytest.fixture(scope="module")

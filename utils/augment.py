@@ -47,6 +47,15 @@ def names_from_split(where) -> list[str] | None:
     return list(manifest.get("params", {}).get("names") or []) or None
 
 
+def subjects_from_split(where) -> list[str] | None:
+    """The forgotten subjects a split folder's manifest records under ``names`` (a topic-based
+    forget set such as wmdp_sciq's), else None. Not people's names: only the instruction
+    guardrail uses them."""
+    if not isinstance(where, Path) or not (where / MANIFEST).is_file():
+        return None
+    return list(json.loads((where / MANIFEST).read_text()).get("names") or []) or None
+
+
 def swap_names(text: str, pattern, rng: np.random.Generator, pool: list[str]) -> str:
     """``text`` with each match of ``pattern`` replaced by one pool name (drawn once per text):
     a one-word match (a surname) gets the pool name's last word, a longer match the full name."""

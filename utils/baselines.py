@@ -38,7 +38,6 @@ exact, no cache, one extra no-grad forward per batch.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,8 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from utils import guardrails
+from utils.binding import file_hash
 from utils.forward import label_logits, to_device
+from utils.loading import Loaded, LoadSource, load_merged, load_source_or_base
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean, sequence_logprob
+from utils.models import load_model, load_tokenizer, set_pad_token_id, weights_hash
+from utils.runs import RunError
 from utils.template import IGNORE, collate
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +108,23 @@ class RefBatch:
     dist: FullDist | TopKDist | None = None
 
 
-@dataclass(frozen=True)
 class Weights:
-    retain: float = 1.0  # weight of the retain term (CE or KL); 0 drops it
-    npo_beta: float = 0.1  # NPO's inverse temperature
+    """What a loss is weighted and tuned by: ``retain``, the weight of the retain term (CE or
+    KL; 0 drops it), and each method's own hyperparameters by flag name (``Method.hparams``),
+    read as attributes (``weights.npo_beta``)."""
+
+    def __init__(self, retain: float = 1.0, **params: float):
+        self.retain = float(retain)
+        self.params = dict(params)
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(f"Weights has no {name!r} (not a hyperparameter of this method)")
+
+    def __repr__(self):
+        return f"Weights(retain={self.retain}, {self.params})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +194,35 @@ def npo(logits, batch, ref, weights):
 
 
 @dataclass(frozen=True)
+class HParam:
+    """A method's own hyperparameter: ``baselines.py`` gets a ``--NAME`` flag for it (float),
+    checks it, passes it to the loss as ``weights.NAME``, records it in the manifest's
+    ``loss_weights`` and lets the selection grid vary it (``utils.select``)."""
+
+    default: float
+    help: str
+    minimum: float = 0.0
+    inclusive: bool = False  # False: the value must be > minimum; True: >= minimum
+
+    def check(self, name: str, value: float) -> str | None:
+        ok = value >= self.minimum if self.inclusive else value > self.minimum
+        if ok:
+            return None
+        bound = f">= {self.minimum:g}" if self.inclusive else ("positive" if self.minimum == 0 else f"> {self.minimum:g}")
+        return f"--{name} {value:g}: must be {bound}"
+
+
+@dataclass(frozen=True)
 class Method:
-    """One baseline: its loss, and what it trains on and needs.
+    """One baseline: its loss, its report name, its own hyperparameters, and what it trains on
+    and needs. Adding a method is one entry here (and its loss above).
 
     Retain samples are in the training set iff the method has a retain term and its weight
     is > 0 (GA and RL see only the forget set, as in the paper)."""
 
     loss: Callable | None
     help: str
+    display: str  # its row name in the report
     retain_term: str | None = None  # name of the weighted retain/KL term, None if none
     default_weight: float = 0.0  # default of --retain_weight
     relabel_forget: bool = False  # forget samples carry generic labels
@@ -196,47 +233,64 @@ class Method:
     training_free: bool = False
     prefix: Callable | None = None
     flags: tuple[str, ...] = ()  # the method-specific flags it reads (--forget_names, --icl_*)
+    hparams: dict = field(default_factory=dict)  # flag name -> HParam
 
     def trains_on_retain(self, weight: float) -> bool:
         return self.retain_term is not None and weight > 0
 
 
 METHODS: dict[str, Method] = {
-    "gradient_ascent": Method(gradient_ascent, "GA: minus the CE of the true label on forget samples (forget set only)"),
+    "gradient_ascent": Method(gradient_ascent, "GA: minus the CE of the true label on forget samples (forget set only)", "GA"),
     "random_label": Method(
-        random_label, "RL: CE toward a seeded generic label (neutral/unknown) on forget samples (forget set only)",
-        relabel_forget=True,
+        random_label, "RL: CE toward a seeded generic label (the task's, e.g. neutral/unknown) on forget samples (forget set only)",
+        "RL", relabel_forget=True,
     ),
     "gradient_ascent_kl": Method(
         gradient_ascent_kl,
         "GA+KL: minus forget CE + w * KL(reference || current) at the label position of retain samples (forget + retain)",
-        retain_term="KL", default_weight=1.0, ref_dist=True,
+        "GA+KL", retain_term="KL", default_weight=1.0, ref_dist=True,
     ),
     "gradient_ascent_descent": Method(
         gradient_ascent_descent, "GA+GD: minus forget CE + w * retain CE (forget + retain)",
-        retain_term="CE", default_weight=1.0,
+        "GA+GD", retain_term="CE", default_weight=1.0,
     ),
     "npo": Method(
         npo,
         "NPO (Zhang et al. 2024): (2/beta) log(1 + (pi(y|x)/pi_ref(y|x))^beta) on forget samples, "
         "+ w * retain CE (default w=0: plain NPO on the forget set; w>0 is NPO+RT)",
-        retain_term="CE", default_weight=0.0, ref_logprob=True,
+        "NPO", retain_term="CE", default_weight=0.0, ref_logprob=True,
+        hparams={"npo_beta": HParam(0.1, "NPO's beta (inverse temperature; > 0)")},
     ),
     "instruction_prompt": Method(
         None,
         "guardrail prompt (Thaker et al. 2024): a fixed instruction before every input, naming the forgotten "
         "people (--forget_names, or the entities split's manifest) and asking for the generic label "
         f"'{guardrails.INSTRUCTION_LABEL}' for texts about them",
-        training_free=True, prefix=guardrails.instruction_guardrail, flags=("forget_names",),
+        "Instruction prompt", training_free=True, prefix=guardrails.instruction_guardrail, flags=("forget_names",),
     ),
     "in_context": Method(
         None,
         "in-context unlearning (Pawelczyk et al. 2024): a fixed context of --icl_forget train_forget examples "
         "with generic labels and --icl_retain class-balanced train_retain examples with their true labels, "
         "seeded, before every input",
-        training_free=True, prefix=guardrails.in_context_guardrail, flags=("icl_forget", "icl_retain"),
+        "In-context unlearning", training_free=True, prefix=guardrails.in_context_guardrail, flags=("icl_forget", "icl_retain"),
     ),
 }
+
+
+def hparam_flags() -> dict[str, tuple[HParam, list[str]]]:
+    """Every method hyperparameter flag, with the methods that read it."""
+    out: dict[str, tuple[HParam, list[str]]] = {}
+    for name, method in METHODS.items():
+        for flag, spec in method.hparams.items():
+            out.setdefault(flag, (spec, []))[1].append(name)
+    return out
+
+
+def method_weights(method: Method, retain: float, given: dict) -> Weights:
+    """The method's weights: ``retain`` and its hyperparameters (``given`` by flag name, else
+    their defaults)."""
+    return Weights(retain, **{k: (given.get(k) if given.get(k) is not None else spec.default) for k, spec in method.hparams.items()})
 
 
 def methods_help() -> str:
@@ -409,20 +463,10 @@ def nonfinite_parameters(params) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_unlearned(tmp: Path, model, lora: bool, qlora_run: Path | None) -> dict:
     """Write the unlearned weights (``model/``: safetensors + HF config) or, with LoRA, the
     unlearning adapter (``adapter/``) plus a copy of the QLoRA adapter it sits on
     (``qlora_adapter/``), so the run folder is self-contained. Returns hashes for the manifest."""
-    from utils.models import weights_hash
-
     if not lora:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         return {"weights": "model", "unlearned_weights_sha256": weights_hash(tmp / "model")}
@@ -442,44 +486,35 @@ def save_prefix(tmp: Path, tokenizer, text: str) -> dict:
     token ids) for the manifest; no weights are saved."""
     ids = guardrails.prefix_ids(tokenizer, text)
     (tmp / PREFIX_FILE).write_bytes(text.encode("utf-8"))
-    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": file_sha256(tmp / PREFIX_FILE),
+    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": file_hash(tmp / PREFIX_FILE),
             "prefix_tokens": len(ids), "prefix_ids_sha256": guardrails.ids_sha256(ids)}
 
 
-def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device):
+def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device, load_source: LoadSource) -> Loaded:
     """The model the run started from (its QLoRA run merged, or the pre-trained model) with the
     run's prefix as prompt embeddings (``Loaded.prompt``; ``inference_spul.py --no_prompt``
     drops it)."""
-    from utils.checkpoints import Loaded, load_pretrained, load_run
-    from utils.models import set_pad_token_id
-    from utils.runs import RunError
-
     saved = manifest["saved"]
     path = run_dir / saved["prefix"]
-    if not path.is_file() or file_sha256(path) != saved["prefix_sha256"]:
+    if not path.is_file() or file_hash(path) != saved["prefix_sha256"]:
         raise RunError(f"--model_checkpoints {run_dir}: {saved['prefix']} is missing or does not match the manifest hash")
     text = path.read_bytes().decode("utf-8")
     if guardrails.ids_sha256(guardrails.prefix_ids(tokenizer, text)) != saved["prefix_ids_sha256"]:
         raise RunError(f"--model_checkpoints {run_dir}: its tokenizer no longer gives the prefix's recorded token ids")
-    qlora = manifest.get("qlora_run")
-    source = load_run(qlora, device, "qlora_run (in the manifest)", ("qlora",)) if qlora else load_pretrained(manifest["base_model"], device)
+    source = load_source_or_base(manifest, device, load_source)
     set_pad_token_id(source.model, tokenizer.pad_token_id)
     prompt = guardrails.prefix_embeddings(source.model, tokenizer, text)
     return Loaded(source.model.eval(), tokenizer, manifest, source.model_path, prompt=prompt)
 
 
-def load_baseline(run_dir: Path, manifest: dict, device):
+def load_baseline(run_dir: Path, manifest: dict, device, load_source: LoadSource) -> Loaded:
     """A baseline run folder -> the unlearned model (full precision, adapters merged), or for a
     training-free run the model it points to with its prefix as ``prompt``."""
-    from utils.checkpoints import Loaded
-    from utils.models import load_model, load_tokenizer, merge_lora, resolve_model, weights_hash
-    from utils.runs import RunError
-
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     saved = manifest["saved"]
     if saved["weights"] is None:
-        return _load_training_free(run_dir, manifest, tokenizer, device)
+        return _load_training_free(run_dir, manifest, tokenizer, device, load_source)
     if saved["weights"] == "model":
         if weights_hash(run_dir / "model") != saved["unlearned_weights_sha256"]:
             raise RunError(f"--model_checkpoints {run_dir}: model weights do not match the manifest hash")
@@ -487,9 +522,17 @@ def load_baseline(run_dir: Path, manifest: dict, device):
         return Loaded(model.eval(), tokenizer, manifest, manifest["base_model_path"])
     if weights_hash(run_dir / "adapter") != saved["unlearn_adapter_sha256"]:
         raise RunError(f"--model_checkpoints {run_dir}: adapter does not match the manifest hash")
-    model_path = resolve_model(manifest["base_model"])
-    model, _ = load_model(model_path, device, tokenizer=tokenizer)
-    if (run_dir / "qlora_adapter").is_dir():
-        model = merge_lora(model, run_dir / "qlora_adapter")
-    model = merge_lora(model, run_dir / "adapter").to(device)
+    adapters = [run_dir / "qlora_adapter"] if (run_dir / "qlora_adapter").is_dir() else []
+    model, model_path = load_merged(manifest["base_model"], adapters + [run_dir / "adapter"], device, tokenizer)
     return Loaded(model.eval(), tokenizer, manifest, model_path)
+
+
+# what a baseline manifest adds to utils.runs.run_manifest's
+MANIFEST_FIELDS = ("method", "training_free", "prefix", "guardrail", "loss_weights", "lora", "qlora_run",
+                   "qlora_adapter_sha256", "qlora_base_weights_sha256", "reference", "saved")
+
+
+def display(manifest: dict) -> str:
+    """The report's row name of a baseline run: its method's."""
+    method = METHODS.get(manifest.get("method"))
+    return method.display if method else str(manifest.get("method"))

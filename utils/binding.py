@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from utils.models import ModelNotFound, resolve_model, weights_hash
+from utils.prompt import ENCODER_FILE, PROMPT_DIR
 from utils.runs import RunError
 
 
@@ -21,33 +23,22 @@ class BindingMismatch(RunError):
 
 
 def _base_weights(run_dir: Path, manifest: dict) -> str:
-    from utils.models import resolve_model, weights_hash
-
     return weights_hash(resolve_model(manifest["base_model"]))
 
 
 def _qlora_adapter(run_dir: Path, manifest: dict) -> str:
-    from utils.models import weights_hash
-
     return weights_hash(Path(manifest["qlora_run"]) / "adapter")
 
 
 def _own_adapter(run_dir: Path, manifest: dict) -> str:
-    from utils.models import weights_hash
-
     return weights_hash(run_dir / "adapter")
 
 
 def _prompt(run_dir: Path, manifest: dict) -> str:
-    from utils.models import weights_hash
-    from utils.prompt import PROMPT_DIR
-
     return weights_hash(run_dir / PROMPT_DIR)
 
 
 def _prompt_encoder(run_dir: Path, manifest: dict) -> str:
-    from utils.prompt import ENCODER_FILE
-
     return file_hash(run_dir / ENCODER_FILE)
 
 
@@ -85,8 +76,6 @@ def mismatches(run_dir: Path, manifest: dict) -> list[str]:
     """One short description per recorded hash that differs from what the manifest points to
     now. A target that is gone is skipped here: loading it fails with its own error, and a run
     that keeps its own copy (a baseline) does not need it."""
-    from utils.models import ModelNotFound
-
     found = []
     for key, (what, current) in CHECKS.items():
         recorded = manifest.get(key)
@@ -113,13 +102,3 @@ def check_binding(run_dir, manifest: dict, force: bool, flag: str = "--model_che
     if found:
         print(f"warning: {flag} {run_dir}: loading despite ({'; '.join(found)}) because of --force", file=sys.stderr)
     return found
-
-
-def load_checked(run_dir, device, force: bool = False, flag: str = "--model_checkpoints", kinds=None):
-    """``utils.checkpoints.load_run`` after ``check_binding``. Returns (Loaded, mismatches)."""
-    from utils.checkpoints import LOADERS, load_run
-    from utils.runs import read_manifest
-
-    manifest = read_manifest(Path(run_dir), flag, kinds or tuple(LOADERS))
-    found = check_binding(run_dir, manifest, force, flag)
-    return load_run(run_dir, device, flag, kinds), found

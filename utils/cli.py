@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import sys
+import threading
 from functools import wraps
 from pathlib import Path
 
-from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataError
-from utils.runs import RunError
+import torch
+
+from utils import distributed
+from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataConfig, DataError, resolve_task, split_fingerprint
+from utils.models import DEFAULT_MODEL, ModelNotFound, load_tokenizer, resolve_model, short_reason
+from utils.runs import RunError, read_manifest
+from utils.splits import SplitError
+from utils.task import TASKS
+from utils.template import Encoder, check_labels
 from utils.trackers import TrackerError, check_package, tracker_fields
 from utils.training import LaunchError, read_checkpoint_info
 
@@ -34,6 +45,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     names = "; ".join(f"{k}: {v.description}" for k, v in DATASETS.items())
     g.add_argument("--dataset", default=DEFAULT_DATASET, help=f"dataset name ({names})")
     g.add_argument("--data_dir", default=None, help="folder holding the four splits (train_retain, train_forget, test_retain, test_forget) as csv/jsonl/json/parquet; overrides --dataset's location")
+    g.add_argument("--task", default=None, choices=tuple(TASKS), help="the task the splits are read as (utils/task.py); default: --dataset's (sentiment for a --data_dir of another name)")
     g.add_argument("--data_root", default=None, help="root searched for <root>/<dataset's folder> before the hub (env SPUL_DATA_ROOT)")
     g.add_argument("--forget_size", type=float, default=1.0, help="share tau in (0, 1] of train_forget kept (seeded); the other splits stay whole")
     g.add_argument("--val_fraction", type=float, default=0.05, help="share of train_retain and of train_forget moved into val_retain and val_forget (seeded by --data_seed, class-stratified) before --forget_size and the caps; no stage trains on them; --max_val_retain/--max_val_forget give the sizes instead; 0 with no such cap: no validation splits")
@@ -51,8 +63,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from utils.models import DEFAULT_MODEL
-
     g = p.add_argument_group("model")
     g.add_argument("--model_name", default=DEFAULT_MODEL, help=f"hub id (meta-llama/Llama-2-7b-hf, facebook/opt-1.3b, ...), a local model folder, or the embedded alias {DEFAULT_MODEL}")
     g.add_argument("--set_pad_id", action="store_true", help="use the EOS token as the padding token (models without a pad token get this anyway)")
@@ -148,10 +158,6 @@ def check_common(args) -> None:
 def set_threads(args) -> None:
     """Resolve ``--threads`` (default: $OMP_NUM_THREADS, else torch's own default), apply it,
     and write the resolved value back into ``args`` so that config.json records it."""
-    import os
-
-    import torch
-
     if getattr(args, "threads", None) is None:
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         args.threads = int(env) if env.isdigit() and int(env) > 0 else torch.get_num_threads()
@@ -165,17 +171,12 @@ def check_launcher() -> None:
     """``accelerate launch`` configs for DDP, FSDP and DeepSpeed are all accepted: the training
     loop runs on accelerate (``utils.training``). Only Megatron-LM, which needs a model written
     for it, is refused."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "").strip().lower() in ("1", "true", "yes"):
         raise UsageError("accelerate launch: Megatron-LM is not supported (ACCELERATE_USE_MEGATRON_LM is set); "
                          "use a DDP, FSDP or DeepSpeed config")
 
 
 def user_errors() -> tuple[type, ...]:
-    from utils.models import ModelNotFound
-    from utils.splits import SplitError
-
     return (UsageError, DataError, RunError, ModelNotFound, SplitError, TrackerError, LaunchError)
 
 
@@ -194,8 +195,7 @@ def entry_point(main):
             sys.exit(2)
         finally:
             if installed:
-                import signal
-
+            
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
@@ -203,8 +203,6 @@ def entry_point(main):
 
 def _exit_on_sigterm():
     """Install the SIGTERM handler (main thread only); returns (installed, previous handler)."""
-    import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return False, None
@@ -216,8 +214,17 @@ def _exit_on_sigterm():
 
 
 def check_max_length(encoder, words) -> None:
-    """``--max_length`` must hold the template, one text token and the longest label."""
-    need = encoder.min_length(words)
+    """``--max_length`` must hold the template, one text token and the longest label; and,
+    before any training, the label words must be told apart by their first in-context token
+    (``utils.template.check_labels``). Either problem is a one-line ``UsageError``."""
+
+    try:
+        check_labels(encoder, words)
+        need = encoder.min_length(words)
+    except UsageError:
+        raise
+    except ValueError as e:  # the tokenizer cannot serve these labels: one line, not a traceback
+        raise UsageError(str(e)) from e
     if encoder.max_length < need:
         raise UsageError(f"--max_length {encoder.max_length}: too short to hold the template and the label (need at least {need})")
 
@@ -226,10 +233,6 @@ def check_tokenizer(args) -> None:
     """``--max_length`` against the tokenizer the run will use, loaded without the model: the
     run folder's ``tokenizer/`` with ``--model_checkpoints``, else ``--model_name``'s (which also
     checks that the model name resolves)."""
-    from utils.models import load_tokenizer, resolve_model, short_reason
-    from utils.runs import RunError, read_manifest
-    from utils.template import GENERIC_LABELS, LABEL_WORDS, Encoder
-
     if getattr(args, "model_checkpoints", None):
         read_manifest(Path(args.model_checkpoints), "--model_checkpoints")  # a run folder at all
         flag, path = "--model_checkpoints", Path(args.model_checkpoints) / "tokenizer"
@@ -241,7 +244,17 @@ def check_tokenizer(args) -> None:
         tokenizer = load_tokenizer(path, getattr(args, "set_pad_id", False))
     except (OSError, ValueError) as e:
         raise RunError(f"{flag} {path}: cannot load its tokenizer ({short_reason(e)})") from e
-    check_max_length(Encoder(tokenizer, args.max_length), LABEL_WORDS + GENERIC_LABELS)
+    task = resolve_task(args.dataset, getattr(args, "task", None))
+    check_max_length(Encoder(tokenizer, args.max_length, task=task), task.all_words)
+
+
+def data_config(args) -> DataConfig:
+    """The data flags as the library takes them (``utils.data.prepare_splits``)."""
+    caps = {s: getattr(args, f"max_{s}", None) or getattr(args, "max_per_split", None) for s in EVAL_SPLITS}
+    return DataConfig(dataset=args.dataset, task=resolve_task(args.dataset, getattr(args, "task", None)),
+                      data_dir=args.data_dir, data_root=getattr(args, "data_root", None), forget_size=args.forget_size,
+                      val_fraction=getattr(args, "val_fraction", 0.0), caps=caps, data_seed=args.data_seed,
+                      eval_splits=tuple(getattr(args, "eval_splits", None) or EVAL_SPLITS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +273,6 @@ def checkpoint_dir(out) -> Path:
 
 def run_fingerprint(args, splits) -> dict:
     """What a checkpoint is bound to: every flag that can change training, and the data."""
-    from utils.data import split_fingerprint
-
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in UNBOUND}
     data = {s: f["sha256"] for s, f in split_fingerprint(splits).items()}
     return json.loads(json.dumps({"flags": flags, "splits": data}, default=str))
@@ -272,7 +283,6 @@ def check_resume(args, out, splits) -> dict:
     from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing, batching,
     accumulation, precision and experiment tracking (``utils.trackers.tracker_fields``: the
     tracker folder is checked to be writable here)."""
-    from utils import distributed
     folder = checkpoint_dir(out)
     fingerprint = run_fingerprint(args, splits)
     found = read_checkpoint_info(folder)
@@ -311,6 +321,4 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
 
 def remove_checkpoints(out) -> None:
     """Once the run folder is complete its checkpoints are no longer needed."""
-    import shutil
-
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

@@ -3,18 +3,24 @@ generic labels for forget samples, and the encoded training/evaluation sets.
 
 Resolution order for ``--dataset NAME``: ``--data_dir`` (a folder holding the four splits),
 then ``--data_root``/``$SPUL_DATA_ROOT`` (``<root>/<local_subdir>`` or ``<root>/<NAME>``),
-then the embedded build (``rt``) or the Hugging Face hub id.
+then the embedded build (``rt``), a dataset's builder (``wmdp_sciq``: built from the hub once
+into the cache, ``utils/mcqa.py``), or the Hugging Face hub id.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from utils.template import GENERIC_LABELS, LABEL_WORDS
+from utils.mcqa import ensure_wmdp_sciq
+from utils.models import cache_root
+from utils.splits import ensure_embedded_rt
+from utils.task import SENTIMENT, TASKS, Task, TaskError
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")  # the paper's four
 VAL_SPLITS = ("val_retain", "val_forget")  # carved out of the training pool, never trained on
@@ -34,6 +40,9 @@ class DatasetSpec:
     hub_id: str | None = None
     local_subdir: str | None = None  # looked up under the data root
     embedded: bool = False
+    task: str = SENTIMENT.name  # a key of utils.task.TASKS
+    # the default source when there is no local copy: cache root -> a split folder it builds once
+    builder: Callable[[Path], Path] | None = field(default=None, repr=False)
 
 
 DATASETS = {
@@ -51,6 +60,12 @@ DATASETS = {
         "the paper's Yelp polarity splits (cluster-based forget set)",
         hub_id="karuna-bhaila/Unlearning_Yelp_Polarity",
         local_subdir="yelp/unlearning_yelp_polarity",
+    ),
+    "wmdp_sciq": DatasetSpec(
+        "the paper's 4-way multiple-choice QA block: forget = WMDP-bio (cais/wmdp), retain = SciQ "
+        "(allenai/sciq), built from the hub once into the cache (utils/mcqa.py)",
+        task="mcqa",
+        builder=ensure_wmdp_sciq,
     ),
 }
 DEFAULT_DATASET = "rt"
@@ -77,28 +92,16 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e})".splitlines()[0]) from e
 
 
-def _check_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {', '.join(missing)} (need text,label)")
-    if len(df) == 0:
-        raise DataError(f"{where}: the split is empty")
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = ~labels.isin(range(len(LABEL_WORDS)))
-    if bad.any():
-        value = df["label"][bad].iloc[0]
-        value = value.item() if hasattr(value, "item") else value  # 2, not np.int64(2)
-        raise DataError(
-            f"{where}: label {value!r} is outside the task's label set "
-            f"{{0: negative, 1: positive}}"
-        )
-    out = pd.DataFrame({"text": df["text"].fillna("").astype(str), "label": labels.astype(int)})
-    out["label_text"] = [LABEL_WORDS[i] for i in out["label"]]
-    return out.reset_index(drop=True)
+def _check_frame(df: pd.DataFrame, where: str, task: Task) -> pd.DataFrame:
+    try:
+        return task.check_frame(df, where)
+    except TaskError as e:
+        raise DataError(str(e)) from e
 
 
-def read_split_folder(folder: Path, flag: str = "--data_dir") -> dict[str, pd.DataFrame]:
-    """The four splits from a folder of CSV/TSV/JSON/JSONL/parquet files."""
+def read_split_folder(folder: Path, flag: str = "--data_dir", task: Task = SENTIMENT) -> dict[str, pd.DataFrame]:
+    """The four splits from a folder of CSV/TSV/JSON/JSONL/parquet files, read as ``task``
+    says (``Task.check_frame``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{flag} {folder}: no such folder")
@@ -107,11 +110,11 @@ def read_split_folder(folder: Path, flag: str = "--data_dir") -> dict[str, pd.Da
         path = _split_file(folder, split)
         if path is None:
             raise DataError(f"{flag} {folder}: split '{split}' is missing (expected {split}.csv/.jsonl/.json/.parquet)")
-        out[split] = _check_frame(_read_table(path), str(path))
+        out[split] = _check_frame(_read_table(path), str(path), task)
     return out
 
 
-def _from_hub(hub_id: str) -> dict[str, pd.DataFrame]:
+def _from_hub(hub_id: str, task: Task) -> dict[str, pd.DataFrame]:
     try:
         import datasets
 
@@ -121,7 +124,7 @@ def _from_hub(hub_id: str) -> dict[str, pd.DataFrame]:
             f"--dataset: '{hub_id}' is not in the data root and the hub cannot be reached "
             f"({type(e).__name__}); pass --data_dir or --data_root"
         ) from e
-    return {s: _check_frame(ds[s].to_pandas(), f"{hub_id}:{s}") for s in SPLITS}
+    return {s: _check_frame(ds[s].to_pandas(), f"{hub_id}:{s}", task) for s in SPLITS}
 
 
 def locate(dataset: str, data_dir: str | None = None, data_root: str | None = None) -> Path | str:
@@ -137,18 +140,27 @@ def locate(dataset: str, data_dir: str | None = None, data_root: str | None = No
             if (Path(root) / sub).is_dir():
                 return Path(root) / sub
     if spec.embedded:
-        from utils.models import cache_root
-        from utils.splits import ensure_embedded_rt
-
         return ensure_embedded_rt(cache_root())
+    if spec.builder is not None:
+        return spec.builder(cache_root())
     return spec.hub_id
 
 
-def load_splits(dataset: str, data_dir=None, data_root=None) -> dict[str, pd.DataFrame]:
+def resolve_task(dataset: str, task: str | None = None) -> Task:
+    """``--task`` when given, else the task of ``--dataset`` (sentiment for a folder of any
+    other name)."""
+    name = task or (DATASETS[dataset].task if dataset in DATASETS else SENTIMENT.name)
+    if name not in TASKS:
+        raise DataError(f"--task {name}: unknown task (choose from {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def load_splits(dataset: str, data_dir=None, data_root=None, task: Task | None = None) -> dict[str, pd.DataFrame]:
+    task = task or resolve_task(dataset)
     where = locate(dataset, data_dir, data_root)
     if isinstance(where, Path):
-        return read_split_folder(where, "--data_dir" if data_dir else "--data_root")
-    return _from_hub(where)
+        return read_split_folder(where, "--data_dir" if data_dir else "--data_root", task)
+    return _from_hub(where, task)
 
 
 def subsample_forget(df: pd.DataFrame, forget_size: float, seed: int) -> pd.DataFrame:
@@ -213,26 +225,34 @@ def apply_caps(splits: dict[str, pd.DataFrame], caps: dict[str, int | None], see
     return {s: stratified_cap(df, caps.get(s), seed) for s, df in splits.items()}
 
 
-def generic_labels(n: int, seed: int) -> list[str]:
-    """One generic label per forget sample, drawn uniformly, once, from the run's seed."""
-    rng = np.random.default_rng([seed, 7919])  # own stream, independent of other draws
-    return [GENERIC_LABELS[i] for i in rng.integers(len(GENERIC_LABELS), size=n)]
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data flags of every entry point say (``utils.cli.data_config`` builds it)."""
+
+    dataset: str = DEFAULT_DATASET
+    task: Task = SENTIMENT
+    data_dir: str | None = None
+    data_root: str | None = None
+    forget_size: float = 1.0
+    val_fraction: float = 0.0
+    caps: dict = field(default_factory=dict)  # split -> max rows (None: whole); val splits: rows carved
+    data_seed: int = 0
+    eval_splits: tuple[str, ...] = EVAL_SPLITS
 
 
-def prepare_splits(args) -> dict[str, pd.DataFrame]:
+def prepare_splits(config: DataConfig) -> dict[str, pd.DataFrame]:
     """What every entry point does with its data flags, all seeded by ``--data_seed`` (so that
     every ``--seed`` of a sweep sees the same rows): load; drop the test splits that
     ``--eval_splits`` leaves out (model selection never reads them); carve val_retain and
     val_forget out of the training pool; then ``--forget_size``; then the caps."""
-    splits = load_splits(args.dataset, args.data_dir, args.data_root)
-    wanted = getattr(args, "eval_splits", None) or EVAL_SPLITS
+    splits = load_splits(config.dataset, config.data_dir, config.data_root, config.task)
     for s in TEST_SPLITS:
-        if s not in wanted:
+        if s not in config.eval_splits:
             del splits[s]
-    caps = {s: getattr(args, f"max_{s}", None) or args.max_per_split for s in EVAL_SPLITS}
-    splits = carve_validation(splits, getattr(args, "val_fraction", 0.0), {v: caps[v] for v in VAL_SPLITS}, args.data_seed)
-    splits["train_forget"] = subsample_forget(splits["train_forget"], args.forget_size, args.data_seed)
-    splits = apply_caps(splits, caps, args.data_seed)
+    caps = {s: config.caps.get(s) for s in EVAL_SPLITS}
+    splits = carve_validation(splits, config.val_fraction, {v: caps[v] for v in VAL_SPLITS}, config.data_seed)
+    splits["train_forget"] = subsample_forget(splits["train_forget"], config.forget_size, config.data_seed)
+    splits = apply_caps(splits, caps, config.data_seed)
     for s, df in splits.items():
         if len(df) == 0:
             raise DataError(f"{s}: the split is empty after caps")
@@ -258,7 +278,7 @@ def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra
         retain = encode_frame(encoder, splits["train_retain"], False)
         return retain + (encode_frame(encoder, extra_retain, False) if extra_retain is not None else [])
     forget = splits["train_forget"]
-    targets = generic_labels(len(forget), seed) if relabel_forget else None
+    targets = encoder.task.generic_for(len(forget), seed) if relabel_forget else None
     retain = encode_frame(encoder, splits["train_retain"], False)
     if extra_retain is not None:
         retain += encode_frame(encoder, extra_retain, False)
@@ -267,8 +287,6 @@ def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra
 
 def split_fingerprint(splits: dict[str, pd.DataFrame]) -> dict:
     """Counts and a content hash of each split, for manifests."""
-    import hashlib
-
     out = {}
     for s, df in splits.items():
         h = hashlib.sha256()

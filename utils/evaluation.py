@@ -18,7 +18,7 @@ from utils.data import EVAL_SPLITS, encode_frame
 from utils.forward import PromptCache, label_logits, to_device
 from utils.metrics import classification_metrics, map_predictions
 from utils.mia import mia_metrics
-from utils.template import GENERIC_LABELS, LABEL_WORDS, collate
+from utils.template import collate
 
 
 def label_token_ids(encoder, words) -> list[int]:
@@ -98,8 +98,9 @@ def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_name
     split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
-    task_ids = label_token_ids(encoder, LABEL_WORDS)
-    generic_ids = label_token_ids(encoder, GENERIC_LABELS)
+    task = encoder.task
+    task_ids = label_token_ids(encoder, task.label_words)
+    generic_ids = label_token_ids(encoder, task.generic_labels)
     pad_id = encoder.tokenizer.pad_token_id
     results, records, scores = {}, [], {}
     for name in split_names:
@@ -107,8 +108,8 @@ def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_name
         feats = encode_frame(encoder, df, is_forget=name.endswith("forget"))
         preds = predict(model, feats, batch_size, device, pad_id, prompt, task_ids, desc=name)
         results[name] = classification_metrics(
-            df["label"].to_numpy(), map_predictions(preds.ids, task_ids), preds.ids, generic_ids, preds.restricted
-        )
+            df["label"].to_numpy(), map_predictions(preds.ids, task_ids), preds.ids, generic_ids, preds.restricted,
+            task.label_words)
         records += example_records(name, df, preds)
         scores[name] = {"logprobs": preds.label_logprobs, "labels": df["label"].to_numpy()}
     model.train(was_training)

@@ -25,35 +25,9 @@ from utils.data import EVAL_SPLITS, encode_frame
 from utils.evaluation import label_token_ids, length_batches
 from utils.forward import PromptCache, backbone, unwrap
 from utils.metrics import OTHER, classification_metrics
-from utils.template import GENERIC_LABELS, LABEL_WORDS
 
 MAX_NEW_TOKENS = 5  # the release's inference_vanilla.py
 NUM_EXAMPLES = 5  # decoded generations kept per split in metrics.json
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_generation(text: str, label_words) -> int:
-    """Index of the label word that occurs first in the lowercased ``text`` (a substring
-    match, as the release's ``"positive" in text``), or OTHER when none occurs."""
-    text = text.lower()
-    found = [(text.find(w.lower()), i) for i, w in enumerate(label_words)]
-    found = [(pos, i) for pos, i in found if pos >= 0]
-    return min(found)[1] if found else OTHER
-
-
-def answer_index(text: str) -> int:
-    """What a generation counts as, an index into ``LABEL_WORDS + GENERIC_LABELS``: the task
-    label that occurs first; else, when no task label occurs, the generic label that occurs
-    first; else OTHER."""
-    task = parse_generation(text, LABEL_WORDS)
-    if task != OTHER:
-        return task
-    generic = parse_generation(text, GENERIC_LABELS)
-    return OTHER if generic == OTHER else len(LABEL_WORDS) + generic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,20 +146,22 @@ def generate(model, tokenizer, features, batch_size, device, prompt=None, max_ne
 
 
 def generate_predictions(model, encoder, df, batch_size, device, prompt=None, max_new_tokens=MAX_NEW_TOKENS):
-    """(decoded generations, class predictions: index into LABEL_WORDS or OTHER) for ``df``."""
+    """(decoded generations, class predictions: index into the task's label words or OTHER)
+    for ``df``."""
     texts, _ = generate(model, encoder.tokenizer, prompt_features(encoder, df), batch_size, device, prompt, max_new_tokens)
-    return texts, np.array([parse_generation(t, LABEL_WORDS) for t in texts], dtype=int)
+    return texts, np.array([encoder.task.parse(t) for t in texts], dtype=int)
 
 
-def generation_metrics(y_true, texts: list[str], restricted) -> dict:
+def generation_metrics(task, y_true, texts: list[str], restricted) -> dict:
     """``classification_metrics`` of generations. Its ``pred_ids``/``generic_token_ids`` are
-    answer indices here (``answer_index``), so ``predictions["generic"]`` counts generations
-    with a generic label and no task label. ``accuracy_restricted`` is the argmax over the two
+    answer indices here (``Task.answer_index``), so ``predictions["generic"]`` counts generations
+    with a generic label and no task label. ``accuracy_restricted`` is the argmax over the
     labels' first tokens at the first generated position (the argmax protocol's)."""
-    answers = np.array([answer_index(t) for t in texts], dtype=int)
-    pred = np.where(answers < len(LABEL_WORDS), answers, OTHER)
-    generic = range(len(LABEL_WORDS), len(LABEL_WORDS) + len(GENERIC_LABELS))
-    out = classification_metrics(y_true, pred, answers, generic, restricted)
+    k = len(task.label_words)
+    answers = np.array([task.answer_index(t) for t in texts], dtype=int)
+    pred = np.where((answers >= 0) & (answers < k), answers, OTHER)
+    generic = range(k, k + len(task.generic_labels))
+    out = classification_metrics(y_true, pred, answers, generic, restricted, task.label_words)
     out["examples"] = texts[:NUM_EXAMPLES]
     return out
 
@@ -197,13 +173,13 @@ def evaluate_generation(model, encoder, splits, batch_size, device, prompt=None,
     split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
-    task_ids = label_token_ids(encoder, LABEL_WORDS)
+    task_ids = label_token_ids(encoder, encoder.task.label_words)
     results = {}
     for name in split_names:
         df = splits[name]
         feats = prompt_features(encoder, df, is_forget=name.endswith("forget"))
         texts, restricted = generate(model, encoder.tokenizer, feats, batch_size, device, prompt, max_new_tokens,
                                      task_ids, desc=name)
-        results[name] = generation_metrics(df["label"].to_numpy(), texts, restricted)
+        results[name] = generation_metrics(encoder.task, df["label"].to_numpy(), texts, restricted)
     model.train(was_training)
     return results

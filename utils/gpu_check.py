@@ -40,6 +40,14 @@ from typing import Callable
 
 import torch
 
+from utils.baselines import METHODS, NoReference, Weights, make_loss_fn
+from utils.evaluation import predict
+from utils.forward import to_device
+from utils.models import is_quantized_4bit, load_4bit, load_model, lora_config, lora_target_modules, prepare_for_training, select_device, short_reason
+from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
+from utils.spul_loss import SpulObjective
+from utils.template import collate
+
 NO_CUDA = "no CUDA device: this check needs a GPU; see --dry-run"
 CAPTION = ("Random weights at the real configurations (built in code, no hub access): the figures check the "
            "CUDA paths, memory and speed, not model quality.")
@@ -252,7 +260,6 @@ class Context:
     def prompted(self):
         """The frozen model (``self.dtype``) with SPUL's soft prompt, built once per shape."""
         if "prompted" not in self.shared:
-            from utils.prompt import add_prompt
 
             model = build_model(self.shape, self.device, self.dtype, self.tiny, self.args.seed)
             self.shared["prompted"] = add_prompt(model, self.args.ptuning_num_tokens, self.args.ptuning_hidden_size, self.args.seed)
@@ -288,8 +295,6 @@ def time_steps(ctx: Context, row: Row, step: Callable[[dict], None], features: l
     one bench.PeakMemory (CUDA: torch.cuda.max_memory_allocated over the steps, the weights
     included; CPU: peak resident set size)."""
     from bench import PeakMemory, timed
-    from utils.forward import to_device
-    from utils.template import collate
 
     a = ctx.args
     times, tokens = [], []
@@ -327,7 +332,6 @@ def bitsandbytes_missing() -> str | None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as error:  # noqa: BLE001 - ImportError, or a backend that fails at import
-        from utils.models import short_reason
 
         return f"bitsandbytes not importable ({short_reason(error, 80)})"
     return None
@@ -341,7 +345,6 @@ def cell_qlora(ctx: Context, row: Row) -> None:
     from peft import get_peft_model
 
     from qlora import label_ce
-    from utils.models import is_quantized_4bit, load_4bit, load_model, lora_config, lora_target_modules, prepare_for_training
 
     quantize = not ctx.tiny
     if quantize:
@@ -372,8 +375,6 @@ def cell_qlora(ctx: Context, row: Row) -> None:
 def cell_spul(ctx: Context, row: Row) -> None:
     """spul.py's step: SpulObjective (alpha, beta) on the frozen model with the soft prompt,
     the prompt through its key/value cache, the KL reference on the fly (retain rows)."""
-    from utils.prompt import prompt_embeddings, trainable_parameters
-    from utils.spul_loss import SpulObjective
 
     t0 = time.perf_counter()
     model = ctx.prompted()
@@ -388,7 +389,6 @@ def cell_spul(ctx: Context, row: Row) -> None:
 def cell_ga_gd(ctx: Context, row: Row) -> None:
     """baselines.py's GA+GD loss (utils.baselines.make_loss_fn), full fine-tuning of every
     weight; skipped when the stated estimate exceeds free memory."""
-    from utils.baselines import METHODS, NoReference, Weights, make_loss_fn
 
     a = ctx.args
     weights = "fp32" if ctx.tiny else a.ga_gd_weights
@@ -415,8 +415,6 @@ def cell_ga_gd(ctx: Context, row: Row) -> None:
 def cell_inference(ctx: Context, row: Row) -> None:
     """One ``utils.evaluation.predict`` call per step on one batch: the prompt's key/value cache
     built once per call, label-position logits, argmax and label log-probs."""
-    from utils.evaluation import predict
-    from utils.prompt import prompt_embeddings
 
     t0 = time.perf_counter()
     model = ctx.prompted().eval()
@@ -452,7 +450,6 @@ def is_oom(error: BaseException) -> bool:
 def run_cell(ctx: Context, cell: str) -> Row:
     """One cell; Skip -> "skipped: reason", OOM -> "failed: out of memory" (memory freed), any
     other error -> "failed: <one line>". Never raises (except KeyboardInterrupt/SystemExit)."""
-    from utils.models import short_reason
 
     row = Row(ctx.shape.name, cell)
     print(f"[{ctx.shape.name}] {cell}", file=sys.stderr)
@@ -618,7 +615,6 @@ def main(argv=None) -> dict | None:
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
         sys.exit(2)
-    from utils.models import select_device
 
     device = torch.device("cpu") if args.cpu_smoke else select_device()
     dtype = torch.float32 if args.cpu_smoke else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

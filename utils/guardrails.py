@@ -5,7 +5,7 @@
   (``INSTRUCTION``, ``INSTRUCTION_LABEL``).
 - ``in_context`` (in-context unlearning, Pawelczyk et al., ICML 2024): a few train_forget
   examples with generic labels and a few train_retain examples with their true labels, each in
-  the task template (``utils.template.render``), in a seeded order.
+  the task template (``utils.task.Task.render``), in a seeded order.
 
 Building the prefix text is pure (no model). A prefix becomes prompt embeddings by looking its
 token ids up in the model's input embedding table (``prefix_embeddings``); passed as
@@ -21,18 +21,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from utils.augment import AugmentError, forgotten_names, subjects_from_split
+from utils.data import locate
+from utils.cli import UsageError
+from utils.forward import unwrap
 from utils.splits import clean_names
-from utils.template import GENERIC_LABELS, LABEL_WORDS, render
+from utils.task import Task
 
-# The instruction_prompt prefix; {names} is the comma-separated list of forgotten names, {label}
-# the generic label it asks for. It ends with a blank line, before the template's "### Text:".
-INSTRUCTION = (
-    "You must forget everything you know about the following people: {names}. "
-    "If a text mentions any of them, do not tell its sentiment: answer \"{label}\" instead. "
-    "Answer every other text with its sentiment, positive or negative, as usual.\n\n"
-)
-INSTRUCTION_LABEL = "unknown"
-assert INSTRUCTION_LABEL in GENERIC_LABELS and INSTRUCTION_LABEL not in LABEL_WORDS
+# The instruction_prompt prefix is the task's (``Task.instruction``): {names} is the
+# comma-separated list of forgotten names (or subjects), {label} the generic label it asks for.
+INSTRUCTION_LABEL = "unknown"  # one of every shipped task's generic labels
 
 ICL_DEFAULT = 4  # default of --icl_forget and --icl_retain
 
@@ -50,11 +48,13 @@ class Guardrail:
 # ---------------------------------------------------------------------------------------------
 
 
-def instruction_text(names: list[str], label: str = INSTRUCTION_LABEL) -> str:
+def instruction_text(names: list[str], task: Task, label: str = INSTRUCTION_LABEL) -> str:
     names = clean_names(names)
     if not names:
         raise ValueError("instruction_text: no names")
-    return INSTRUCTION.format(names=", ".join(names), label=label)
+    if label not in task.generic_labels:
+        raise ValueError(f"instruction_text: {label!r} is not a generic label of task {task.name}")
+    return task.instruction.format(names=", ".join(names), label=label)
 
 
 def _balanced(labels: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
@@ -70,29 +70,29 @@ def _balanced(labels: np.ndarray, k: int, rng: np.random.Generator) -> list[int]
     return picked
 
 
-def draw_icl_examples(forget: pd.DataFrame, retain: pd.DataFrame, k_forget: int, k_retain: int, seed: int) -> list[dict]:
+def draw_icl_examples(forget: pd.DataFrame, retain: pd.DataFrame, k_forget: int, k_retain: int, seed: int,
+                      task: Task) -> list[dict]:
     """The in-context examples: ``k_forget`` seeded rows of ``forget`` (train_forget), each with
-    the generic label ``utils.data.generic_labels`` gives that row (the one random_label and SPUL
+    the generic label ``Task.generic_for`` gives that row (the one random_label and SPUL
     train it toward), and ``k_retain`` class-balanced seeded rows of ``retain`` (train_retain)
     with their true labels, in a seeded order. Each: text, label (the word in the context),
     true_label, side, row (its index in the split)."""
-    from utils.data import generic_labels
-
     if k_forget > len(forget) or k_retain > len(retain):
         raise ValueError(f"asked for {k_forget} forget and {k_retain} retain examples, the splits hold {len(forget)} and {len(retain)}")
     rng = np.random.default_rng([seed, 611953])  # own stream, independent of other draws
-    generic = generic_labels(len(forget), seed)
-    out = [{"text": forget["text"].iloc[i], "label": generic[i], "true_label": LABEL_WORDS[forget["label"].iloc[i]],
+    generic = task.generic_for(len(forget), seed)
+    words = task.label_words
+    out = [{"text": forget["text"].iloc[i], "label": generic[i], "true_label": words[forget["label"].iloc[i]],
             "side": "forget", "row": int(i)} for i in sorted(rng.choice(len(forget), k_forget, replace=False).tolist())]
-    out += [{"text": retain["text"].iloc[i], "label": LABEL_WORDS[retain["label"].iloc[i]],
-             "true_label": LABEL_WORDS[retain["label"].iloc[i]], "side": "retain", "row": i}
+    out += [{"text": retain["text"].iloc[i], "label": words[retain["label"].iloc[i]],
+             "true_label": words[retain["label"].iloc[i]], "side": "retain", "row": i}
             for i in sorted(_balanced(retain["label"].to_numpy(), k_retain, rng))]
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def icl_text(examples: list[dict]) -> str:
+def icl_text(examples: list[dict], task: Task) -> str:
     """Each example in the task template, followed by a blank line."""
-    return "".join(render(e["text"], e["label"]) + "\n\n" for e in examples)
+    return "".join(task.render(e["text"], e["label"]) + "\n\n" for e in examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,34 +100,30 @@ def icl_text(examples: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def instruction_guardrail(args, splits) -> Guardrail:
-    """``--forget_names``, else the names recorded by an entities-recipe split folder."""
-    from utils.augment import AugmentError, forgotten_names
-    from utils.cli import UsageError
-
+def instruction_guardrail(args, splits, task: Task) -> Guardrail:
+    """``--forget_names``, else the names recorded by an entities-recipe split folder, else the
+    forgotten subjects a split folder records (wmdp_sciq's)."""
     try:
         names = clean_names(forgotten_names(args))
-    except AugmentError:
-        names = []
+    except AugmentError:  # no people's names recorded: a topic-based forget set may record its subjects
+        names = clean_names(subjects_from_split(locate(args.dataset, args.data_dir, getattr(args, "data_root", None))) or [])
     if not names:
         raise UsageError(
             "--unlearn_method instruction_prompt: no forgotten names (the split folder does not record them: "
             "not built by the entities recipe); pass them with --forget_names NAME ..."
         )
-    return Guardrail(instruction_text(names), {"instruction": INSTRUCTION, "generic_label": INSTRUCTION_LABEL,
+    return Guardrail(instruction_text(names, task), {"instruction": task.instruction, "generic_label": INSTRUCTION_LABEL,
                                                 "forget_names": names})
 
 
-def in_context_guardrail(args, splits) -> Guardrail:
+def in_context_guardrail(args, splits, task: Task) -> Guardrail:
     """``--icl_forget`` examples of train_forget and ``--icl_retain`` of train_retain (never
     validation or test rows), seeded by ``--seed``."""
-    from utils.cli import UsageError
-
     for flag, split in (("icl_forget", "train_forget"), ("icl_retain", "train_retain")):
         if getattr(args, flag) > len(splits[split]):
             raise UsageError(f"--{flag} {getattr(args, flag)}: {split} holds only {len(splits[split])} rows")
-    examples = draw_icl_examples(splits["train_forget"], splits["train_retain"], args.icl_forget, args.icl_retain, args.seed)
-    return Guardrail(icl_text(examples), {"icl_forget": args.icl_forget, "icl_retain": args.icl_retain, "examples": examples})
+    examples = draw_icl_examples(splits["train_forget"], splits["train_retain"], args.icl_forget, args.icl_retain, args.seed, task)
+    return Guardrail(icl_text(examples, task), {"icl_forget": args.icl_forget, "icl_retain": args.icl_retain, "examples": examples})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +149,6 @@ def ids_sha256(ids: list[int]) -> str:
 @torch.no_grad()
 def prefix_embeddings(model, tokenizer, text: str) -> torch.Tensor:
     """(p, d): the rows of the model's input embedding table for ``prefix_ids``."""
-    from utils.forward import unwrap
-
     table = unwrap(model).get_input_embeddings()
     ids = torch.tensor(prefix_ids(tokenizer, text), dtype=torch.long, device=table.weight.device)
     return table(ids).detach().clone()

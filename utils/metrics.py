@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-OTHER = -1  # class index for "not a task label"
+from utils.task import OTHER  # class index for "not a task label"
 
 
 def map_predictions(pred_ids, label_token_ids: list[int]) -> np.ndarray:
@@ -22,6 +22,8 @@ def map_predictions(pred_ids, label_token_ids: list[int]) -> np.ndarray:
 def classification_metrics(
     y_true, y_pred, pred_ids=None, generic_token_ids=(), restricted_pred=None, label_names=("negative", "positive")
 ) -> dict:
+    # label_names: the task's label words (utils.task.Task.label_words); the default is the
+    # sentiment task's, for direct calls on hand-made predictions
     """Accuracy, weighted precision/recall/F1 (%) with OTHER as its own wrong class, plus
     accuracy restricted to the task labels (``restricted_pred``: argmax over the task labels
     only) and the distribution of predictions."""

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from utils.distributed import launched_world_size, local_rank
+
 # ---------------------------------------------------------------------------------------------
 # 1. Embedded default model
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +206,6 @@ def select_device() -> torch.device:
     GPU of its ``LOCAL_RANK``."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    from utils.distributed import launched_world_size, local_rank
-
     return torch.device("cuda", local_rank()) if launched_world_size() > 1 else torch.device("cuda")
 
 

@@ -33,17 +33,17 @@ from utils import cli, distributed
 from utils.data import SPLITS
 import torch
 from utils.augment import names_from_split
-from utils.binding import load_checked
-from utils.checkpoints import read_run_tokenizer
+from utils.kinds import load_checked, read_run_tokenizer
 from utils.data import locate, prepare_splits
 from utils.evaluation import evaluate_splits
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, library_versions, write_json
 from utils.splits import name_pattern
-from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS, SUFFIX
+from utils.task import SENTIMENT
+from utils.template import Encoder
 from utils.training import seed_everything
 
-DEFAULT_QUESTION = "What is the sentiment of the given text?"  # the paper's (utils/template.py SUFFIX)
+DEFAULT_QUESTION = "What is the sentiment of the given text?"  # the paper's (utils.task.SENTIMENT.suffix)
 QUESTION_HEADER = "\n\n### Question: "
 ANSWER_HEADER = "\n\n### Sentiment:"
 
@@ -59,7 +59,7 @@ MIN_TYPO_LETTERS = 4  # words with fewer letters get no typo
 
 def question_suffix(question: str) -> str:
     """The template text between the review and the label, with ``question`` as its question
-    line; ``question_suffix(DEFAULT_QUESTION)`` is the paper's ``utils.template.SUFFIX``."""
+    line; ``question_suffix(DEFAULT_QUESTION)`` is the paper's ``utils.task.SENTIMENT.suffix``."""
     return f"{QUESTION_HEADER}{question}{ANSWER_HEADER}"
 
 
@@ -170,13 +170,13 @@ def question_encoder(tokenizer, max_length: int, question: str | None = None):
     ``max_length`` is shifted by the change in question length, so every text keeps exactly
     the tokens it keeps under the paper's question: only the question tokens differ."""
     if question is None:
-        return Encoder(tokenizer, max_length)
+        return Encoder(tokenizer, max_length, task=SENTIMENT)
     suffix = question_suffix(question)
 
     def n(s):
         return len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
-    return Encoder(tokenizer, max_length + n(suffix) - n(SUFFIX), suffix=suffix)
+    return Encoder(tokenizer, max_length + n(suffix) - n(SENTIMENT.suffix), task=SENTIMENT, suffix=suffix)
 
 
 def probe_splits(probe: Probe, splits: dict, names) -> tuple[dict, dict]:
@@ -260,7 +260,7 @@ def check_runs(args, probes) -> list[dict]:
         manifest, tokenizer = read_run_tokenizer(run)
         manifests.append(manifest)
         for name in probes:
-            cli.check_max_length(question_encoder(tokenizer, args.max_length, PROBES[name].question), LABEL_WORDS + GENERIC_LABELS)
+            cli.check_max_length(question_encoder(tokenizer, args.max_length, PROBES[name].question), SENTIMENT.all_words)
     return manifests
 
 
@@ -354,7 +354,11 @@ def main(argv=None):
 
 
     seed_everything(args.seed)
-    splits = prepare_splits(args)
+    data = cli.data_config(args)
+    if data.task is not SENTIMENT:
+        raise cli.UsageError(f"--task {data.task.name}: the robustness probes paraphrase the sentiment task's question "
+                             f"and names; they run on sentiment data only")
+    splits = prepare_splits(data)
     split_names = [s for s in args.eval_splits if s in splits]
     splits = {s: splits[s] for s in split_names}
     probed, changed = {}, {}

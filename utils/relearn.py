@@ -55,9 +55,9 @@ from peft import get_peft_model
 
 from utils import cli
 from utils.augment import AugmentError, forgotten_names
-from utils.binding import check_binding, load_checked
-from utils.checkpoints import read_run_tokenizer
-from utils.data import encode_frame, prepare_splits, split_fingerprint
+from utils.binding import check_binding
+from utils.kinds import load_checked, read_run_tokenizer
+from utils.data import encode_frame, prepare_splits, resolve_task, split_fingerprint
 from utils.distributed import launched_world_size
 from utils.evaluation import evaluate_splits
 from utils.forward import label_logits, unwrap
@@ -65,7 +65,7 @@ from utils.losses import ce_per_sample
 from utils.models import lora_config, lora_target_modules, select_device
 from utils.runs import atomic_run_dir, check_output, library_versions, write_json
 from utils.splits import clean_names, name_pattern
-from utils.template import Encoder, GENERIC_LABELS, LABEL_WORDS
+from utils.template import Encoder
 from utils.training import TrainConfig, seed_everything, train
 
 HELDOUT = ("heldout_train_forget", "heldout_test_forget", "test_retain")
@@ -194,7 +194,8 @@ def check_runs(args) -> list[dict]:
     manifests = []
     for run in args.runs:
         manifest, tokenizer = read_run_tokenizer(run)
-        cli.check_max_length(Encoder(tokenizer, args.max_length), LABEL_WORDS + GENERIC_LABELS)
+        task = resolve_task(args.dataset, args.task)
+        cli.check_max_length(Encoder(tokenizer, args.max_length, task=task), task.all_words)
         check_binding(run, manifest, args.force, "RUN")
         manifests.append(manifest)
     return manifests
@@ -327,7 +328,7 @@ def attack_run(args, run, device, sets) -> dict:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, _ in params), "only the attacker's adapter trains"
 
-    encoder = Encoder(loaded.tokenizer, args.max_length)
+    encoder = Encoder(loaded.tokenizer, args.max_length, task=resolve_task(args.dataset, args.task))
     held = {k: sets[k] for k in HELDOUT}
 
     def evaluate():
@@ -422,7 +423,7 @@ def main(argv=None):
     out = Path(args.output_path)
     check_output(out, args.overwrite)
     seed_everything(args.seed)
-    splits = prepare_splits(args)
+    splits = prepare_splits(cli.data_config(args))
     plan = plan_attack(args, splits)
     manifests = check_runs(args)  # before any model is loaded
     warn_other_data(args, manifests, splits)

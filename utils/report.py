@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import mia
+from utils.baselines import METHODS
 from utils.data import EVAL_SPLITS
 from utils.runs import AUDIT, MANIFEST, METRICS, RECORDS, read_json, read_records
 
@@ -31,13 +32,7 @@ DISPLAY = {
     "vanilla-generate": "Vanilla (generate)",
     "qlora": "QLoRA",
     "retrain": "Retrain",
-    "gradient_ascent": "GA",
-    "random_label": "RL",
-    "gradient_ascent_kl": "GA+KL",
-    "gradient_ascent_descent": "GA+GD",
-    "npo": "NPO",
-    "instruction_prompt": "Instruction prompt",
-    "in_context": "In-context unlearning",
+    **{name: method.display for name, method in METHODS.items()},  # the baselines' registry
     "spul": "SPUL",
 }
 EFFICIENCY = (  # (train_stats key, column title, format)

@@ -11,6 +11,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.data import split_fingerprint
+from utils.models import weights_hash
+
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -101,20 +104,14 @@ def warn_if_oracle(manifest: dict | None, run_dir, flag: str = "--model_checkpoi
               f"measures nothing (unlearn the QLoRA run trained on train_retain + train_forget)", file=sys.stderr)
 
 
-def run_manifest(kind: str, args, model_path: str, splits: dict, **extra) -> dict:
-    """What binds a run's artefacts to the model, data and code they came from."""
-    from utils.data import split_fingerprint
-    from utils.models import weights_hash
-    from utils.template import GENERIC_LABELS, LABEL_WORDS, TEMPLATE
-
+def run_manifest(kind: str, args, model_path: str, splits: dict, task, **extra) -> dict:
+    """What binds a run's artefacts to the model, data, task and code they came from."""
     return {
         "kind": kind,
         "base_model": args.model_name,
         "base_model_path": str(model_path),
         "base_weights_sha256": weights_hash(model_path),
-        "template": TEMPLATE,
-        "label_words": list(LABEL_WORDS),
-        "generic_labels": list(GENERIC_LABELS),
+        **task.manifest(),
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "forget_size": args.forget_size,

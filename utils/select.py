@@ -27,13 +27,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from utils.runs import CONFIG, MANIFEST, METRICS, read_json, trained_run
+from utils.baselines import hparam_flags
+from utils.runs import CONFIG, MANIFEST, METRICS, read_json, trained_run, write_json
 
 READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
 # flags a grid varies, per run kind; their selected values are what the recipes pass on
 TUNED = {
     "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain"),
-    "baseline": ("lr", "num_epochs", "retain_weight"),
+    "baseline": ("lr", "num_epochs", "retain_weight", *hparam_flags()),  # and each method's own (Method.hparams)
 }
 
 
@@ -126,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from utils.runs import write_json
-
     args = build_parser().parse_args(argv)
     if args.best:
         try:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from utils import distributed
 from utils.forward import PromptCache, cache_compatible, label_hidden, label_logits, unwrap
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean
 from utils.template import IGNORE
@@ -56,8 +57,6 @@ def select_rows(batch: dict, rows: torch.Tensor) -> dict:
 def _sharded() -> bool:
     """True under FSDP (``accelerate launch`` with an FSDP config), where the prompt's KV cache
     is not used: the prompt is prepended instead (same loss and gradient)."""
-    from utils import distributed
-
     return distributed.sharded()
 
 

@@ -7,21 +7,27 @@ loading and merging qlora parameters").
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+from utils.binding import BindingMismatch, file_hash, tokenizer_fingerprint
 from utils.cli import UsageError
+from utils.loading import Loaded, LoadSource, load_source_or_base
+from utils.models import DEFAULT_MODEL, load_tokenizer, resolve_model, weights_hash
+from utils.prompt import ENCODER_FILE, PROMPT_DIR, load_encoder_weights, load_prompt, prompt_summary
+from utils.runs import read_manifest, run_manifest, warn_if_oracle
 
 TOKENIZER_DIR = "tokenizer"
+# what a SPUL manifest adds to utils.runs.run_manifest's
+MANIFEST_FIELDS = ("source_kind", "qlora_run", "qlora_adapter_sha256", "qlora_splits", "tokenizer", "prompt",
+                   "prompt_sha256", "prompt_encoder_sha256", "alpha", "beta", "generic_label_counts", "resumed_from",
+                   "forced_mismatches")
 
 
 def check_sources(args) -> None:
     """Checks on --model_checkpoints, --model_name and --resume_from that need no model loaded:
     run kinds, a --model_name that contradicts the QLoRA run, a --resume_from prompt trained on
     another model (unless --force). Sets ``args.model_name`` to the base model that will be used."""
-    from utils.binding import BindingMismatch
-    from utils.models import DEFAULT_MODEL, resolve_model, weights_hash
-    from utils.runs import read_manifest, warn_if_oracle
-
     qlora = read_manifest(Path(args.model_checkpoints), "--model_checkpoints", ("qlora",)) if args.model_checkpoints else None
     warn_if_oracle(qlora, args.model_checkpoints)
     if qlora and args.model_name and resolve_model(args.model_name) != resolve_model(qlora["base_model"]):
@@ -45,17 +51,6 @@ def check_sources(args) -> None:
         )
 
 
-def load_frozen_source(args, device):
-    """The model SPUL freezes: the ``--model_checkpoints`` QLoRA run (binding-checked, merged)
-    or the pre-trained ``--model_name``. Returns (Loaded, mismatches accepted with --force)."""
-    from utils.binding import load_checked
-    from utils.checkpoints import load_pretrained
-
-    if args.model_checkpoints:
-        return load_checked(args.model_checkpoints, device, args.force, kinds=("qlora",))
-    return load_pretrained(args.model_name, device, args.set_pad_id), []
-
-
 def source_binding(args, source) -> dict:
     """Manifest fields naming the QLoRA run the prompt sits on (None for a pre-trained model)."""
     is_qlora = source.manifest.get("kind") == "qlora"
@@ -67,20 +62,12 @@ def source_binding(args, source) -> dict:
     }
 
 
-def spul_manifest(args, source, splits, folder: Path, peft_model, tokenizer, forced: list) -> dict:
+def spul_manifest(args, source, splits, task, folder: Path, peft_model, tokenizer, forced: list) -> dict:
     """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
     the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
     drew each generic label, and any mismatch accepted with --force."""
-    from collections import Counter
-
-    from utils.binding import file_hash, tokenizer_fingerprint
-    from utils.data import generic_labels
-    from utils.models import weights_hash
-    from utils.prompt import ENCODER_FILE, PROMPT_DIR, prompt_summary
-    from utils.runs import run_manifest
-
     return run_manifest(
-        "spul", args, source.model_path, splits,
+        "spul", args, source.model_path, splits, task,
         **source_binding(args, source),
         tokenizer=tokenizer_fingerprint(tokenizer),
         prompt=prompt_summary(peft_model),
@@ -88,7 +75,7 @@ def spul_manifest(args, source, splits, folder: Path, peft_model, tokenizer, for
         prompt_encoder_sha256=file_hash(folder / ENCODER_FILE),
         alpha=args.alpha,
         beta=args.beta,
-        generic_label_counts=dict(sorted(Counter(generic_labels(len(splits["train_forget"]), args.seed)).items())),
+        generic_label_counts=dict(sorted(Counter(task.generic_for(len(splits["train_forget"]), args.seed)).items())),
         resumed_from=str(Path(args.resume_from).resolve()) if args.resume_from else None,
         forced_mismatches=forced,
     )
@@ -97,23 +84,16 @@ def spul_manifest(args, source, splits, folder: Path, peft_model, tokenizer, for
 def resume_encoder(peft_model, args) -> None:
     """``--resume_from SPUL_RUN`` (checked by ``check_sources``): start from that run's encoder
     weights; p and h must be the same."""
-    from utils.prompt import load_encoder_weights
-
     try:
         load_encoder_weights(peft_model, Path(args.resume_from))
     except (ValueError, OSError) as e:
         raise UsageError(f"--resume_from {args.resume_from}: {str(e).splitlines()[0]}") from e
 
 
-def load_spul(run_dir: Path, manifest: dict, device):
+def load_spul(run_dir: Path, manifest: dict, device, load_source: LoadSource) -> Loaded:
     """The ``"spul"`` loader: rebuild the frozen model the manifest names (QLoRA run merged into
     its base, or the pre-trained base) and attach the saved PEFT prompt."""
-    from utils.checkpoints import Loaded, load_pretrained, load_run
-    from utils.models import load_tokenizer
-    from utils.prompt import load_prompt
-
-    qlora = manifest.get("qlora_run")
-    source = load_run(qlora, device, "qlora_run (in the manifest)", ("qlora",)) if qlora else load_pretrained(manifest["base_model"], device)
+    source = load_source_or_base(manifest, device, load_source)
     peft_model, prompt = load_prompt(source.model, run_dir)
     tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_DIR)
     return Loaded(peft_model, tokenizer, manifest, source.model_path, prompt=prompt)
