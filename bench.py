@@ -50,9 +50,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from peft import get_peft_model
 
 from utils import cli
-from utils.baselines import METHODS, NoReference, Weights, build_reference_store, make_loss_fn
+from utils.baselines import METHODS, NoReference, build_reference_store, make_loss_fn, method_weights
 from utils.data import encode_frame, prepare_splits, training_set
 from utils.evaluation import length_batches
 from utils.forward import PromptCache, full_logits_at_labels, gather_label_logits, label_logits, to_device, unwrap
@@ -68,17 +69,11 @@ from utils.models import (
     set_pad_token_id,
 )
 from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
+from utils.qlora_run import label_ce
 from utils.spul_loss import SpulObjective, spul_loss
 from utils.template import Encoder, collate
 from utils.training import TrainConfig, epoch_batches, seed_everything, train
 
-BASELINE_LABELS = {  # display names of the registry's methods (utils.baselines.METHODS)
-    "gradient_ascent": "GA",
-    "random_label": "RL",
-    "gradient_ascent_kl": "GA+KL",
-    "gradient_ascent_descent": "GA+GD",
-    "npo": "NPO",
-}
 # each entry point's default learning rate and clipping (they do not change a step's cost)
 LR = {"qlora": 1e-4, "spul": 1e-4, "baseline": 1e-5}
 WEIGHT_DECAY, MAX_GRAD_NORM = 0.001, 0.3
@@ -117,6 +112,7 @@ def build_parser():
                         "LM head, attention, norm, element-wise, optimizer, other ops and overhead; writes JSON and a markdown table")
     g.add_argument("--profile_baseline_batch_size", type=int, default=None, help="--profile: examples per GA+GD step (default: --batch_size)")
     g = p.add_argument_group("output")
+    g.add_argument("--targets", default=str(TARGETS_FILE), help="JSON file of the targets checked (each a ratio of two figures of the results)")
     g.add_argument("--out", default=None, help="JSON file to write (default: runs/bench/<model>-<dataset>.json, with --profile "
                                                 "runs/bench/<model>-<dataset>-profile.json; the profile's markdown table goes next to it, .md)")
     return p
@@ -443,10 +439,6 @@ class Bench:
 def qlora_trainers(bench: Bench) -> list[Trainer]:
     """qlora.py's step: 4-bit NF4 base (or full precision with --no_quantize, or when
     bitsandbytes cannot), LoRA on the attention projections, label CE."""
-    from peft import get_peft_model
-
-    from qlora import label_ce
-
     model, quantized = bench.load(quantize=not bench.args.no_quantize)
     model = prepare_for_training(model, quantized, bench.device)
     model = get_peft_model(model, lora_config(bench.args.lora_rank, target_modules=lora_target_modules(model)))
@@ -620,12 +612,12 @@ def baseline_trainers(bench: Bench) -> list[Trainer]:
         weight = method.default_weight
         if method.ref_logprob or (method.ref_dist and weight > 0):
             reference = build_reference_store(model, method, feats, args.eval_batch_size, bench.device, bench.pad_id, args.kl_topk, weight)
-            refs[BASELINE_LABELS.get(key, key)] = reference.stats
+            refs[method.display] = reference.stats
         else:
             reference = NoReference()
-        loss_fn = make_loss_fn(method, reference, Weights(retain=weight, npo_beta=args.npo_beta))
+        loss_fn = make_loss_fn(method, reference, method_weights(method, weight, vars(args)))
         note = "full fine-tuning" + (f", retain weight {weight:g}" if method.retain_term else "")
-        rows.append(Trainer(BASELINE_LABELS.get(key, key), model, params, loss_fn, feats, optimizer, note))
+        rows.append(Trainer(method.display, model, params, loss_fn, feats, optimizer, note))
     bench.results["reference"] = reference_figures(bench, refs)
     return rows
 
@@ -1212,7 +1204,7 @@ def run_profile(args, device, model_path, tokenizer, encoder, splits) -> dict:
     weight = method.default_weight
     reference = (build_reference_store(model, method, feats, args.eval_batch_size, device, pad_id, args.kl_topk, weight)
                  if method.ref_logprob or (method.ref_dist and weight > 0) else NoReference())
-    loss_fn = make_loss_fn(method, reference, Weights(retain=weight, npo_beta=args.npo_beta))
+    loss_fn = make_loss_fn(method, reference, method_weights(method, weight, vars(args)))
     optimizer = adamw(params, LR["baseline"])
     batch = batch_of([feats[i] for i in draw_batches(is_forget, args.profile_baseline_batch_size, 1, args.seed)[0]])
     model.train()
@@ -1239,65 +1231,44 @@ def format_profile(workloads: dict, setup: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    value: Callable  # results -> (achieved ratio, numerator text, denominator text)
-    op: str  # "<=" or ">="
-    threshold: float
-    unit: str = "x"
-    informational: bool = False  # an earlier target, kept for comparison; not one of the issue's
-
-
-def _fmt_bytes(n) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
-
-
-def _ratio_target(name, num_row, den_row, op, threshold, informational=False):
-    """Step-time ratio of two training rows."""
-    return Target(name, lambda r: (r["training"][num_row]["step_seconds_median"] / r["training"][den_row]["step_seconds_median"],
-                                   f"{r['training'][num_row]['step_seconds_median']:.3f} s", f"{r['training'][den_row]['step_seconds_median']:.3f} s"),
-                  op, threshold, informational=informational)
-
-
-# The targets of the performance issue (issue 17) first, then the earlier targets, kept as
-# informational rows (``informational=True``: reported with met / not met, not the issue's bar).
-TARGETS = [
-    _ratio_target("SPUL step time / release-style SPUL step time", "SPUL", "SPUL, release-style", "<=", 0.6),
-    Target("SPUL step achieved FLOP/s / measured matmul peak",
-           lambda r: (r["training"]["SPUL"]["share_of_matmul_peak"], f"{r['training']['SPUL']['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s",
-                      f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s"), ">=", 0.60, "%"),
-    Target("evaluation (label-position forward) achieved FLOP/s / measured matmul peak",
-           lambda r: (r["eval"]["label_position"]["share_of_matmul_peak"], f"{r['eval']['label_position']['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s",
-                      f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s"), ">=", 0.60, "%"),
-    Target("SPUL peak memory / one model copy",
-           lambda r: (r["memory"]["ratio"], _fmt_bytes(r["memory"]["spul_peak_bytes"]), _fmt_bytes(r["memory"]["model_weights_bytes"])), "<=", 2.0),
-    # informational: the earlier targets
-    _ratio_target("SPUL step time / GA+GD step time", "SPUL", "GA+GD", "<=", 0.8, informational=True),
-    _ratio_target("SPUL step time / GA+GD step time, with the opt-in reference cache (epochs 2+)", "SPUL, reference cached", "GA+GD", "<=", 0.8,
-                  informational=True),
-    Target("label-position eval / naive full-logit eval, throughput",
-           lambda r: (r["eval"]["label_position"]["examples_per_second"] / r["eval"]["naive_full_logits"]["examples_per_second"],
-                      f"{r['eval']['label_position']['examples_per_second']:.1f} ex/s", f"{r['eval']['naive_full_logits']['examples_per_second']:.1f} ex/s"), ">=", 1.15,
-           informational=True),
-    Target("reference bytes / full-vocab fp32 cache bytes",
-           lambda r: (r["reference"]["max_bytes"] / r["reference"]["full_vocab_fp32_cache_bytes"],
-                      _fmt_bytes(r["reference"]["max_bytes"]), _fmt_bytes(r["reference"]["full_vocab_fp32_cache_bytes"])), "<=", 0.01, "%", informational=True),
-    Target("inference time with prompt / without",
-           lambda r: (r["eval"]["label_position"]["examples_per_second"] / r["eval"]["prompt_kv_cache"]["examples_per_second"],
-                      f"{r['eval']['prompt_kv_cache']['examples_per_second']:.1f} ex/s", f"{r['eval']['label_position']['examples_per_second']:.1f} ex/s"), "<=", 1.1,
-           informational=True),
-]
+TARGETS_FILE = Path(__file__).resolve().parent / "scripts" / "bench_targets.json"  # the figures checked, as data
+SHOW = {
+    "seconds": lambda v: f"{v:.3f} s",
+    "flops": lambda v: f"{v / 1e9:.1f} GFLOP/s",
+    "bytes": lambda n: f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B",
+    "rate": lambda v: f"{v:.1f} ex/s",
+}
 COMPARE = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
 
 
-def evaluate_targets(results: dict) -> list[dict]:
+def read_targets(path: Path = TARGETS_FILE) -> list[dict]:
+    """The targets file: each target a ratio of two values of the results (paths of keys)."""
+    try:
+        targets = json.loads(Path(path).read_text())["targets"]
+    except (OSError, ValueError, KeyError) as e:
+        raise cli.UsageError(f"--targets {path}: cannot be read as a targets file ({type(e).__name__})") from e
+    for t in targets:
+        if t.get("op") not in COMPARE or t.get("show") not in SHOW or t.get("unit") not in ("x", "%"):
+            raise cli.UsageError(f"--targets {path}: target {t.get('figure')!r} needs op <=|>=, unit x|%, show {'|'.join(SHOW)}")
+    return targets
+
+
+def _value(results: dict, keys: list):
+    for key in keys:
+        results = results[key]
+    return results
+
+
+def evaluate_targets(results: dict, targets: list[dict]) -> list[dict]:
     out = []
-    for t in TARGETS:
-        ratio, num, den = t.value(results)
-        fmt = (lambda x: f"{100 * x:.2f}%") if t.unit == "%" else (lambda x: f"{x:.2f}x")
-        out.append({"figure": t.name, "achieved": ratio, "achieved_text": fmt(ratio), "numerator": num, "denominator": den,
-                    "target": f"{t.op} {fmt(t.threshold)}", "met": bool(COMPARE[t.op](ratio, t.threshold)), "informational": t.informational})
+    for t in targets:
+        num, den = _value(results, t["numerator"]), _value(results, t["denominator"])
+        ratio = num / den
+        fmt = (lambda x: f"{100 * x:.2f}%") if t["unit"] == "%" else (lambda x: f"{x:.2f}x")
+        show = SHOW[t["show"]]
+        out.append({"figure": t["figure"], "achieved": ratio, "achieved_text": fmt(ratio), "numerator": show(num), "denominator": show(den),
+                    "target": f"{t['op']} {fmt(t['threshold'])}", "met": bool(COMPARE[t["op"]](ratio, t["threshold"])),
+                    "informational": bool(t.get("informational", False))})
     return out
 
 
@@ -1313,12 +1284,12 @@ def format_report(results: dict) -> str:
     lines += ["", "| evaluation path | examples/s |", "|---|---|"]
     lines += [f"| {name} | {row['examples_per_second']:.1f} |" for name, row in results["eval"].items()]
     ref = results["reference"]
-    lines += ["", f"| reference kept (n_train={ref['n_train']}, V={ref['vocab_size']}) | bytes | share of full-vocab fp32 cache ({_fmt_bytes(ref['full_vocab_fp32_cache_bytes'])}) |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt_bytes(row['bytes'])} | {100 * row['ratio_to_full_cache']:.3f}% |" for name, row in ref["methods"].items()]
-    lines += [f"| {name} (opt-in cache of final hidden states) | {_fmt_bytes(row['reference_cache_bytes'])} | {100 * row['reference_cache_ratio_to_full_cache']:.3f}% |"
+    lines += ["", f"| reference kept (n_train={ref['n_train']}, V={ref['vocab_size']}) | bytes | share of full-vocab fp32 cache ({SHOW['bytes'](ref['full_vocab_fp32_cache_bytes'])}) |", "|---|---|---|"]
+    lines += [f"| {name} | {SHOW['bytes'](row['bytes'])} | {100 * row['ratio_to_full_cache']:.3f}% |" for name, row in ref["methods"].items()]
+    lines += [f"| {name} (opt-in cache of final hidden states) | {SHOW['bytes'](row['reference_cache_bytes'])} | {100 * row['reference_cache_ratio_to_full_cache']:.3f}% |"
               for name, row in results["training"].items() if "reference_cache_bytes" in row]
     mem = results["memory"]
-    lines += ["", f"SPUL memory run ({mem['steps']} steps): {mem['what']}: {_fmt_bytes(mem['spul_peak_bytes'])}; one model copy {_fmt_bytes(mem['model_weights_bytes'])}"]
+    lines += ["", f"SPUL memory run ({mem['steps']} steps): {mem['what']}: {SHOW['bytes'](mem['spul_peak_bytes'])}; one model copy {SHOW['bytes'](mem['model_weights_bytes'])}"]
     lines += [f"matmul peak ({meta['dtype']}, n={meta['matmul_size']}): {results['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s", ""]
     ev = results["eval"]["label_position"]
     lines += [f"label-position evaluation: {ev['flops_per_pass'] / 1e9:.2f} GFLOP per pass, {ev['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s", ""]
@@ -1334,12 +1305,12 @@ def format_report(results: dict) -> str:
                          f"{rc['flops_per_step_ratio_spul_to_release']:.2f}x |")
             lines.append(f"| achieved FLOP/s / matmul peak | {100 * spul['share_of_matmul_peak']:.1f}% | {100 * rel['share_of_matmul_peak']:.1f}% | |")
         lines += [f"| step s of {name} / release-style | | | {ratio:.2f}x |" for name, ratio in rc["step_seconds_ratio_to_release"].items() if name != "SPUL"]
-        lines.append(f"| peak memory (same accounting) | {_fmt_bytes(rc['spul_peak_bytes_same_accounting'])} | {_fmt_bytes(rc['release_peak_bytes'])} | "
+        lines.append(f"| peak memory (same accounting) | {SHOW['bytes'](rc['spul_peak_bytes_same_accounting'])} | {SHOW['bytes'](rc['release_peak_bytes'])} | "
                      f"{rc['spul_peak_ratio_to_release_peak']:.2f}x |")
         lines.append(f"| peak memory / one model copy | {rc['spul_peak_ratio_to_one_model_copy_same_accounting']:.2f}x | "
                      f"{rc['release_peak_ratio_to_one_model_copy']:.2f}x | |")
-        lines += ["", f"release-style reference: model copy {_fmt_bytes(rel['reference_copy_bytes'])}, logit cache of the training set "
-                      f"{_fmt_bytes(rel['reference_cache_bytes_training_set'])} ({rel['reference_cache_what']})", ""]
+        lines += ["", f"release-style reference: model copy {SHOW['bytes'](rel['reference_copy_bytes'])}, logit cache of the training set "
+                      f"{SHOW['bytes'](rel['reference_cache_bytes_training_set'])} ({rel['reference_cache_what']})", ""]
     lines += ["| figure | achieved | target | met |", "|---|---|---|---|"]
     lines += [f"| {t['figure']} | {t['achieved_text']} ({t['numerator']} / {t['denominator']}) | {t['target']}{' (informational)' if t['informational'] else ''} | "
               f"{'met' if t['met'] else 'NOT met'} |" for t in results["targets"]]
@@ -1389,6 +1360,7 @@ def profile_main(args, device, dtype, model_path, tokenizer, encoder, splits, ar
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    targets = read_targets(args.targets)  # before any model loads
     t_start = time.perf_counter()
     seed_everything(args.seed)  # --threads is applied by cli.check_common
     device = select_device()
@@ -1443,7 +1415,7 @@ def main(argv=None):
         },
         **bench.results,
     }
-    results["targets"] = evaluate_targets(results)
+    results["targets"] = evaluate_targets(results, targets)
     results["setup"]["wall_seconds"] = time.perf_counter() - t_start
     out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
