@@ -32,7 +32,7 @@ from utils.loading import load_pretrained
 from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings
-from utils.models import lora_config, lora_target_modules, select_device, set_pad_token_id
+from utils.models import add_lora, lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
 from utils.template import Encoder
 from utils.trackers import open_trackers
@@ -220,10 +220,8 @@ def main(argv=None):
     weights = method_weights(method, weight, vars(args))
     needs_reference = method.ref_logprob or (method.ref_dist and weight > 0)
     if args.lora:
-        from peft import get_peft_model
-
         lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, target_modules=lora_target_modules(model))
-        model = get_peft_model(model, lora)
+        model = add_lora(model, lora)
         reference = AdapterOffReference() if needs_reference else NoReference()
     else:
         model.requires_grad_(True)  # a merged PEFT model comes back frozen

@@ -50,7 +50,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from peft import get_peft_model
 
 from utils import cli
 from utils.baselines import METHODS, NoReference, build_reference_store, make_loss_fn, method_weights
@@ -58,6 +57,7 @@ from utils.data import encode_frame, prepare_splits, training_set
 from utils.evaluation import length_batches
 from utils.forward import PromptCache, full_logits_at_labels, gather_label_logits, label_logits, to_device, unwrap
 from utils.models import (
+    add_lora,
     compute_dtype,
     load_model,
     load_tokenizer,
@@ -441,7 +441,7 @@ def qlora_trainers(bench: Bench) -> list[Trainer]:
     bitsandbytes cannot), LoRA on the attention projections, label CE."""
     model, quantized = bench.load(quantize=not bench.args.no_quantize)
     model = prepare_for_training(model, quantized, bench.device)
-    model = get_peft_model(model, lora_config(bench.args.lora_rank, target_modules=lora_target_modules(model)))
+    model = add_lora(model, lora_config(bench.args.lora_rank, target_modules=lora_target_modules(model)))
     params = [p for p in model.parameters() if p.requires_grad]
     note = ("4-bit NF4 + LoRA" if quantized else "LoRA on full precision (no 4-bit)") + f" r={bench.args.lora_rank}"
     return [Trainer("QLoRA", model, params, label_ce, bench.data.plain, adamw(params, LR["qlora"]), note)]

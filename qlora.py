@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import get_peft_model
-
 from utils import cli, distributed
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
 from utils.models import (
+    add_lora,
     load_model,
     load_tokenizer,
     lora_config,
@@ -73,7 +72,7 @@ def main(argv=None):
     model, quantized = load_model(model_path, device, quantize=not args.no_quantize)
     model = prepare_for_training(model, quantized, device)
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_bias, target_modules=lora_target_modules(model))
-    model = get_peft_model(model, lora)
+    model = add_lora(model, lora)
     if distributed.is_main():
         print(f"device {device}, 4-bit {quantized}, trainable parameters {model.get_nb_trainable_parameters()[0]:,}")
 

@@ -43,7 +43,7 @@ import torch
 from utils.baselines import METHODS, NoReference, Weights, make_loss_fn
 from utils.evaluation import predict
 from utils.forward import to_device
-from utils.models import is_quantized_4bit, load_4bit, load_model, lora_config, lora_target_modules, prepare_for_training, select_device, short_reason
+from utils.models import add_lora, is_quantized_4bit, load_4bit, load_model, lora_config, lora_target_modules, prepare_for_training, select_device, short_reason
 from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
 from utils.spul_loss import SpulObjective
 from utils.template import collate
@@ -342,8 +342,6 @@ def cell_qlora(ctx: Context, row: Row) -> None:
     (utils.models.load_4bit, bf16 compute), prepare_for_training (k-bit preparation, gradient
     checkpointing on CUDA), LoRA r=16 on q_proj/v_proj, label CE. --cpu_smoke: LoRA on the fp32
     model (no 4-bit), through the same save and load."""
-    from peft import get_peft_model
-
     from qlora import label_ce
 
     quantize = not ctx.tiny
@@ -364,7 +362,7 @@ def cell_qlora(ctx: Context, row: Row) -> None:
         else:
             model, _ = load_model(folder, ctx.device, quantize=False, dtype=ctx.dtype)
     model = prepare_for_training(model, quantize, ctx.device)
-    model = get_peft_model(model, lora_config(ctx.args.lora_rank, target_modules=lora_target_modules(model)))
+    model = add_lora(model, lora_config(ctx.args.lora_rank, target_modules=lora_target_modules(model)))
     row.setup_seconds = time.perf_counter() - t0
     checkpointing = ", gradient checkpointing" if ctx.device.type == "cuda" else ""
     row.note = (f"4-bit NF4, {str(ctx.dtype).replace('torch.', '')} compute, LoRA r={ctx.args.lora_rank}{checkpointing}" if quantize

@@ -380,6 +380,13 @@ def lora_config(rank=16, alpha=64, dropout=0.1, bias="none", *, target_modules: 
     )
 
 
+def add_lora(model, config):
+    """``model`` with a fresh, trainable LoRA adapter of ``config`` (``lora_config``)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)
+
+
 def prepare_for_training(model, quantized: bool, device: torch.device):
     """Ready a base model for adapter training. A 4-bit model goes through peft's
     ``prepare_model_for_kbit_training``, with gradient checkpointing on CUDA only (on CPU it

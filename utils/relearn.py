@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from peft import get_peft_model
 
 from utils import cli
 from utils.augment import AugmentError, forgotten_names
@@ -62,7 +61,7 @@ from utils.distributed import launched_world_size
 from utils.evaluation import evaluate_splits
 from utils.forward import label_logits, unwrap
 from utils.losses import ce_per_sample
-from utils.models import lora_config, lora_target_modules, select_device
+from utils.models import add_lora, lora_config, lora_target_modules, select_device
 from utils.runs import atomic_run_dir, check_output, library_versions, write_json
 from utils.splits import clean_names, name_pattern
 from utils.template import Encoder
@@ -324,7 +323,7 @@ def attack_run(args, run, device, sets) -> dict:
     lm = unwrap(loaded.model)
     targets = attack_targets(lm)
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
-    model = get_peft_model(lm, lora_config(args.lora_r, alpha, args.lora_dropout, target_modules=targets))
+    model = add_lora(lm, lora_config(args.lora_r, alpha, args.lora_dropout, target_modules=targets))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, _ in params), "only the attacker's adapter trains"
 
