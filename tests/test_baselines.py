@@ -22,6 +22,7 @@ from utils.baselines import (
     coarse_kl,
     make_loss_fn,
     npo_per_sample,
+    simnpo_per_sample,
     select_features,
 )
 from utils.template import IGNORE
@@ -41,10 +42,10 @@ def _ce(logits, y):
 
 def test_registry_lists_the_five_methods_and_their_samples():
     assert list(METHODS) == ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
-                             "instruction_prompt", "in_context"]  # the last two training-free (tests/test_guardrails.py)
+                             "simnpo", "instruction_prompt", "in_context"]  # the last two training-free (tests/test_guardrails.py)
     on_retain = {name: m.trains_on_retain(m.default_weight) for name, m in METHODS.items() if not m.training_free}
     assert on_retain == {"gradient_ascent": False, "random_label": False, "gradient_ascent_kl": True,
-                         "gradient_ascent_descent": True, "npo": False}
+                         "gradient_ascent_descent": True, "npo": False, "simnpo": False}
     assert METHODS["npo"].trains_on_retain(0.5)  # NPO+RT
     assert METHODS["random_label"].relabel_forget and not METHODS["gradient_ascent"].relabel_forget
     assert METHODS["gradient_ascent_kl"].ref_dist and METHODS["npo"].ref_logprob
@@ -111,6 +112,41 @@ def test_npo_equals_2_over_beta_log2_when_model_is_reference():
     loss, terms = METHODS["npo"].loss(logits, batch, RefBatch(logprob=seq), Weights(retain=0.5, npo_beta=1.0))
     ce = -(logp[2, 0, 0] + logp[2, 1, 4]).item() / 2
     assert loss.item() == pytest.approx(2 * math.log(2) + 0.5 * ce, rel=1e-5)
+
+
+def test_simnpo_by_hand_length_normalised_and_reference_free():
+    logits = torch.randn(3, 2, 5)
+    label_ids = torch.tensor([[1, 2], [3, IGNORE], [0, 4]])
+    logp = torch.log_softmax(logits, -1)
+    seq = [(logp[0, 0, 1] + logp[0, 1, 2]).item(), logp[1, 0, 3].item(), (logp[2, 0, 0] + logp[2, 1, 4]).item()]
+    batch = _batch(label_ids.tolist(), [True, True, False])
+
+    def by_hand(lp, n, beta, gamma):  # -(2/beta) log sigmoid(-(beta/n) lp - gamma)
+        return -(2 / beta) * math.log(1 / (1 + math.exp((beta / n) * lp + gamma)))
+
+    for beta, gamma in ((2.5, 0.0), (1.0, 0.5)):
+        w = Weights(retain=0.0, simnpo_beta=beta, simnpo_gamma=gamma)
+        loss, terms = METHODS["simnpo"].loss(logits, batch, RefBatch(), w)  # no reference needed
+        want = (by_hand(seq[0], 2, beta, gamma) + by_hand(seq[1], 1, beta, gamma)) / 2
+        assert loss.item() == pytest.approx(want, rel=1e-5) and terms["forget_simnpo"] == pytest.approx(want, rel=1e-5)
+    w = Weights(retain=0.5, simnpo_beta=2.5, simnpo_gamma=0.0)
+    loss, _ = METHODS["simnpo"].loss(logits, batch, RefBatch(), w)
+    ce = -seq[2] / 2
+    assert loss.item() == pytest.approx((by_hand(seq[0], 2, 2.5, 0) + by_hand(seq[1], 1, 2.5, 0)) / 2 + 0.5 * ce, rel=1e-5)
+    # at log pi = 0 and gamma = 0 it is (2/beta) log 2, whatever the length
+    assert simnpo_per_sample(torch.zeros(2), torch.tensor([1, 3]), 2.0, 0.0).tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_simnpo_flags_come_from_the_registry(tiny_model_dir, data_args, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        baselines.main(["--model_name", tiny_model_dir, "--unlearn_method", "npo", "--simnpo_gamma", "1"] + data_args)
+    assert e.value.code == 2
+    out = tmp_path / "simnpo"
+    _run(["--model_name", tiny_model_dir, "--unlearn_method", "simnpo", "--simnpo_beta", "2", "--simnpo_gamma", "0.5",
+          "--output_path", out] + data_args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loss_weights"] == {"retain": 0.0, "retain_term": "CE", "simnpo_beta": 2.0, "simnpo_gamma": 0.5}
+    assert manifest["reference"]["kind"] is None  # reference-free
 
 
 def test_coarse_kl_lower_bounds_the_full_kl_and_is_exact_in_the_limits():

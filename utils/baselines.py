@@ -188,6 +188,22 @@ def npo(logits, batch, ref, weights):
     return loss_f + weights.retain * rce, {"forget_npo": loss_f.item(), "retain_ce": rce.item()}
 
 
+def simnpo_per_sample(logp: torch.Tensor, length: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimNPO's reference-free forget loss: -(2/beta) * logsigmoid(-(beta/|y|) * log pi(y|x) - gamma)."""
+    return -(2.0 / beta) * F.logsigmoid(-(beta / length.to(logp.dtype)) * logp - gamma)
+
+
+def simnpo(logits, batch, ref, weights):
+    """SimNPO (Fan et al. 2024) on forget samples (y = the true label sequence, its
+    log-probability normalised by its length, margin gamma; no reference model) + w * CE on
+    retain samples."""
+    logp = sequence_logprob(logits, batch["label_ids"])
+    length = (batch["label_ids"] != IGNORE).sum(1).clamp(min=1)
+    loss_f = _forget_mean(simnpo_per_sample(logp, length, weights.simnpo_beta, weights.simnpo_gamma), batch)
+    rce = _retain_mean(ce_per_sample(logits, batch["label_ids"]), batch)
+    return loss_f + weights.retain * rce, {"forget_simnpo": loss_f.item(), "retain_ce": rce.item()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +276,14 @@ METHODS: dict[str, Method] = {
         "+ w * retain CE (default w=0: plain NPO on the forget set; w>0 is NPO+RT)",
         "NPO", retain_term="CE", default_weight=0.0, ref_logprob=True,
         hparams={"npo_beta": HParam(0.1, "NPO's beta (inverse temperature; > 0)")},
+    ),
+    "simnpo": Method(
+        simnpo,
+        "SimNPO (Fan et al. 2024): NPO without a reference model, -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - gamma) "
+        "on forget samples, + w * retain CE (default w=0: forget set only)",
+        "SimNPO", retain_term="CE", default_weight=0.0,
+        hparams={"simnpo_beta": HParam(2.5, "SimNPO's beta (inverse temperature; > 0)"),
+                 "simnpo_gamma": HParam(0.0, "SimNPO's reward margin gamma (>= 0)", inclusive=True)},
     ),
     "instruction_prompt": Method(
         None,
