@@ -57,7 +57,7 @@ def make_case(name):
     from peft import get_peft_model
 
     from utils.baselines import METHODS, NoReference, Weights, make_loss_fn
-    from utils.models import tiny_llama
+    from tests.tiny import tiny_llama
     from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
     from utils.spul_loss import SpulObjective
 

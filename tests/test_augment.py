@@ -10,7 +10,7 @@ from tests.conftest import write_splits
 from utils.augment import AugmentError, counterfactual_retain, forgotten_names, names_from_split
 from utils.data import training_set
 from utils.splits import name_pattern
-from utils.models import tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 from utils.template import Encoder
 
 NAMES = ["Woody Allen", "Spielberg"]

@@ -20,7 +20,7 @@ import torch
 import inference_spul
 from tests.conftest import write_splits
 from utils import distributed
-from utils.models import save_tiny_model, tiny_tokenizer_vocab
+from tests.tiny import save_tiny_model, tiny_tokenizer_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

@@ -2,7 +2,7 @@
 import torch
 
 from utils.forward import full_logits_at_labels, label_logits
-from utils.models import tiny_llama
+from tests.tiny import tiny_llama
 from utils.template import collate
 
 

@@ -18,7 +18,8 @@ from utils.evaluation import label_token_ids, predict
 from utils.forward import PromptCache
 from utils.generation import MAX_NEW_TOKENS, generate, generate_predictions, generation_metrics, greedy_decode, prompt_features
 from utils.metrics import OTHER
-from utils.models import load_model, load_tokenizer, save_tiny_model, tiny_llama
+from utils.models import load_model, load_tokenizer
+from tests.tiny import save_tiny_model, tiny_llama
 from utils.task import SENTIMENT, substring_answer as parse_generation
 from utils.template import Encoder
 

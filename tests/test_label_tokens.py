@@ -4,7 +4,8 @@ OPT) and the tiny WordPiece of the tests; and the label check that runs before t
 import pytest
 
 from utils import cli
-from utils.models import embedded_model_dir, is_converted, load_tokenizer, tiny_tokenizer
+from utils.models import embedded_model_dir, is_converted, load_tokenizer
+from tests.tiny import tiny_tokenizer
 from utils.template import Encoder, check_labels
 from utils.task import SENTIMENT
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from tests import tiny
 from utils import models
 
 # ---------------------------------------------------------------------------------------------
@@ -15,7 +16,7 @@ from utils import models
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return models.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
@@ -198,7 +199,7 @@ def test_set_pad_id_overrides_existing_pad(tmp_path, tiny_dir):
 
 
 def test_tiny_tokenizer_covers_template_and_labels():
-    tokenizer = models.tiny_tokenizer()
+    tokenizer = tiny.tiny_tokenizer()
     for label in ("positive", "negative", "neutral", "unknown"):
         assert len(tokenizer(" " + label, add_special_tokens=False).input_ids) == 1
     text = "### Text: Great film!\n\n### Question: What is the sentiment of the given text?"
@@ -248,7 +249,7 @@ def test_4bit_missing_bitsandbytes_falls_back(tiny_dir, monkeypatch, capsys):
 
 
 def test_lora_targets_llama():
-    assert models.lora_target_modules(models.tiny_llama(50)) == ["q_proj", "v_proj"]
+    assert models.lora_target_modules(tiny.tiny_llama(50)) == ["q_proj", "v_proj"]
 
 
 def test_lora_targets_opt():
@@ -287,7 +288,7 @@ def test_lora_config_defaults():
 
 
 def test_prepare_for_training_full_precision_is_identity():
-    model = models.tiny_llama(50)
+    model = tiny.tiny_llama(50)
     assert models.prepare_for_training(model, False, torch.device("cpu")) is model
 
 
@@ -301,7 +302,7 @@ def test_prepare_for_training_4bit_calls_peft_without_checkpointing_on_cpu(monke
         return model
 
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", fake_prepare)
-    model = models.tiny_llama(50)
+    model = tiny.tiny_llama(50)
     models.prepare_for_training(model, True, torch.device("cpu"))
     assert seen == {"checkpointing": False}
     models.prepare_for_training(model, True, torch.device("cuda"))
@@ -311,7 +312,7 @@ def test_prepare_for_training_4bit_calls_peft_without_checkpointing_on_cpu(monke
 def test_merge_lora_matches_unmerged_adapter(tmp_path):
     from peft import get_peft_model
 
-    base = models.tiny_llama(60, seed=1)
+    base = tiny.tiny_llama(60, seed=1)
     config = models.lora_config(target_modules=models.lora_target_modules(base), dropout=0.0)
     peft_model = get_peft_model(base, config)
     with torch.no_grad():  # lora_B starts at zero; make the adapter change the output
@@ -323,7 +324,7 @@ def test_merge_lora_matches_unmerged_adapter(tmp_path):
     expected = logits(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    fresh_base = models.tiny_llama(60, seed=1)
+    fresh_base = tiny.tiny_llama(60, seed=1)
     before = logits(fresh_base, ids)
     merged = models.merge_lora(fresh_base, tmp_path / "adapter")  # a Path works too
     merged.eval()
@@ -340,10 +341,10 @@ def test_merge_lora_matches_unmerged_adapter(tmp_path):
 
 def test_tiny_llama_is_seeded_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    first, second = models.tiny_llama(40, seed=3), models.tiny_llama(40, seed=3)
+    first, second = tiny.tiny_llama(40, seed=3), tiny.tiny_llama(40, seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert models.weights_hash(first) == models.weights_hash(second)
-    assert models.weights_hash(first) != models.weights_hash(models.tiny_llama(40, seed=4))
+    assert models.weights_hash(first) != models.weights_hash(tiny.tiny_llama(40, seed=4))
 
 
 def test_tiny_model_folder_loads_like_a_real_model(tiny_dir):
@@ -356,14 +357,14 @@ def test_tiny_model_folder_loads_like_a_real_model(tiny_dir):
 
 
 def test_weights_hash_folder_stable_and_sensitive(tmp_path):
-    first = models.save_tiny_model(tmp_path / "a")
-    again = models.save_tiny_model(tmp_path / "b")
+    first = tiny.save_tiny_model(tmp_path / "a")
+    again = tiny.save_tiny_model(tmp_path / "b")
     assert models.weights_hash(first) == models.weights_hash(again)
-    assert models.weights_hash(first) != models.weights_hash(models.save_tiny_model(tmp_path / "c", seed=9))
+    assert models.weights_hash(first) != models.weights_hash(tiny.save_tiny_model(tmp_path / "c", seed=9))
 
 
 def test_weights_hash_module_sensitive_to_one_weight():
-    model = models.tiny_llama(40)
+    model = tiny.tiny_llama(40)
     before = models.weights_hash(model)
     assert models.weights_hash(model) == before
     with torch.no_grad():
@@ -372,7 +373,7 @@ def test_weights_hash_module_sensitive_to_one_weight():
 
 
 def test_weights_hash_module_sees_dtype():
-    model = models.tiny_llama(40)
+    model = tiny.tiny_llama(40)
     assert models.weights_hash(model) != models.weights_hash(model.to(torch.bfloat16))
 
 

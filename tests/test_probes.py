@@ -11,7 +11,7 @@ import qlora
 import spul
 from tests.conftest import write_splits
 from utils import probes
-from utils.models import tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 from utils.probes import (
     DEFAULT_QUESTION,
     NAME_PROBES,

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from utils.forward import gather_label_logits, label_logits
-from utils.models import tiny_llama
+from tests.tiny import tiny_llama
 from utils.prompt import (
     ENCODER_FILE,
     PROMPT_DIR,

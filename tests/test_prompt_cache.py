@@ -7,7 +7,7 @@ import torch
 
 from utils.evaluation import predict
 from utils.forward import PromptCache, cache_compatible, full_logits_at_labels, label_logits
-from utils.models import tiny_llama
+from tests.tiny import tiny_llama
 from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
 from utils.spul_loss import SpulObjective
 from utils.template import collate

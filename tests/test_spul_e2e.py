@@ -11,7 +11,7 @@ import inference_spul
 import qlora
 import spul
 from tests.conftest import TINY_DATA_ARGS
-from utils.models import save_tiny_model
+from tests.tiny import save_tiny_model
 
 SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",

@@ -8,7 +8,7 @@ import torch
 
 from utils.data import training_set
 from utils.forward import gather_label_logits, label_logits
-from utils.models import tiny_llama
+from tests.tiny import tiny_llama
 from utils.spul_loss import SpulObjective, spul_loss
 from utils.template import IGNORE, collate
 from utils.task import SENTIMENT

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from utils.models import tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 from utils.template import IGNORE, Encoder, collate
 from utils.task import SENTIMENT
 

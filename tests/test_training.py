@@ -5,7 +5,8 @@ from peft import get_peft_model
 
 from utils.forward import label_logits
 from utils.losses import ce_per_sample
-from utils.models import lora_config, tiny_llama
+from utils.models import lora_config
+from tests.tiny import tiny_llama
 from utils.training import TrainConfig, epoch_batches, train
 
 

@@ -12,7 +12,7 @@ import inference_spul
 import qlora
 import spul
 from tests.conftest import write_splits
-from utils.models import save_tiny_model
+from tests.tiny import save_tiny_model
 
 ENTRY = {"qlora": qlora.main, "spul": spul.main, "baselines": baselines.main, "inference": inference_spul.main}
 TRAINING = ["qlora", "spul", "baselines"]
