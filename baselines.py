@@ -160,11 +160,13 @@ def qlora_binding(qlora_run, qlora_manifest) -> dict:
     }
 
 
-def run_training_free(args, task, method, out: Path, qlora_manifest, splits) -> None:
+def run_training_free(args, data, method, out: Path, qlora_manifest, splits) -> None:
     """A training-free method: its prefix (names or in-context examples; bad input is refused
     here, before any model loads), the starting model evaluated on every split with the prefix
     as prompt embeddings, and a run folder holding the prefix and pointing to the model."""
-    guard = method.prefix(args, splits, task)
+    task = data.task
+    guard = method.prefix(guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, args.seed, data),
+                          splits, task)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     device = select_device()
     loaded, encoder = load_start(args, task, qlora_manifest, splits, device)
@@ -184,12 +186,13 @@ def run_training_free(args, task, method, out: Path, qlora_manifest, splits) -> 
             loaded.tokenizer.save_pretrained(tmp / "tokenizer")
             saved = save_prefix(tmp, loaded.tokenizer, guard.text)
             manifest = run_manifest(
-                "baseline", args, loaded.model_path, splits, task,
+                "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
+                threads=args.threads,
                 method=args.unlearn_method, training_free=True, prefix=guard.text, guardrail=guard.record,
                 lora=False, **qlora_binding(qlora_run, qlora_manifest), saved=saved,
             )
             stats = {**TrainStats().as_dict(), "seconds": 0.0, "training_samples": 0, "prefix_tokens": saved["prefix_tokens"]}
-            save_run(tmp, args, evaluation, manifest, stats)
+            save_run(tmp, vars(args), evaluation, manifest, stats)
         print(format_table({args.unlearn_method: evaluation.metrics}))
         print(f"run folder: {out}")
     distributed.barrier()
@@ -208,7 +211,7 @@ def main(argv=None):
     data = cli.data_config(args)
     splits = prepare_splits(data)
     if method.training_free:
-        return run_training_free(args, data.task, method, out, qlora_manifest, splits)
+        return run_training_free(args, data, method, out, qlora_manifest, splits)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -254,7 +257,8 @@ def main(argv=None):
             saved = save_unlearned(tmp, model, args.lora, args.model_checkpoints)
             tokenizer.save_pretrained(tmp / "tokenizer")
             manifest = run_manifest(
-                "baseline", args, loaded.model_path, splits, data.task,
+                "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
+                threads=args.threads,
                 method=args.unlearn_method,
                 loss_weights={"retain": weight if method.retain_term else None, "retain_term": method.retain_term,
                               **weights.params},
@@ -263,7 +267,7 @@ def main(argv=None):
                 reference={k: v for k, v in reference.stats.items() if k != "seconds"},
                 saved=saved,
             )
-            save_run(tmp, args, evaluation, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
+            save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
         cli.remove_checkpoints(out)
         print(format_table({args.unlearn_method: evaluation.metrics}))
         print(f"run folder: {out}")

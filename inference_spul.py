@@ -99,7 +99,7 @@ def main(argv=None):
                 "threads": args.threads, "versions": library_versions()}
     if distributed.is_main():  # every process holds the gathered metrics; one writes them
         with atomic_run_dir(out, args.overwrite) as tmp:
-            save_run(tmp, args, evaluation, manifest)
+            save_run(tmp, vars(args), evaluation, manifest)
         print(format_table({name: evaluation.metrics}))
         print(f"metrics: {out / 'metrics.json'}")
     distributed.barrier()

@@ -88,11 +88,11 @@ def main(argv=None):
             model.save_pretrained(tmp / "adapter")
             tokenizer.save_pretrained(tmp / "tokenizer")
             manifest = run_manifest(
-                "qlora", args, model_path, splits, data.task,
+                "qlora", data, splits, model_name=args.model_name, model_path=model_path, seed=args.seed, threads=args.threads,
                 quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),
                 retain_only=args.retain_only,
             )
-            save_run(tmp, args, evaluation, manifest, stats.as_dict())
+            save_run(tmp, vars(args), evaluation, manifest, stats.as_dict())
         cli.remove_checkpoints(out)
         print(format_table({"Retrain" if args.retain_only else "QLoRA": evaluation.metrics}))
         print(f"run folder: {out}")

@@ -69,7 +69,8 @@ def check_args(args) -> None:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
     if args.forget_names and not args.counterfactual_retain:
         raise cli.UsageError("--forget_names: only used with --counterfactual_retain")
-    check_sources(args)  # run kinds, --model_name vs the QLoRA run, --resume_from binding
+    # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
+    args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force)
 
 
 def default_output(args) -> Path:
@@ -94,7 +95,7 @@ def main(argv=None):
     seed_everything(args.seed)
     data = cli.data_config(args)
     splits = prepare_splits(data)
-    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args), args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
+    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args.forget_names, data), args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -106,7 +107,7 @@ def main(argv=None):
     row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
     model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed, row_norm)
     if args.resume_from:
-        resume_encoder(model, args)
+        resume_encoder(model, args.resume_from)
     if distributed.is_main():
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
@@ -128,9 +129,11 @@ def main(argv=None):
         with atomic_run_dir(out, args.overwrite) as tmp:
             save_prompt(model, tmp)
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            manifest = spul_manifest(args, source, splits, data.task, tmp, model, tokenizer, forced)
+            manifest = spul_manifest(data, splits, source, tmp, model, tokenizer, model_checkpoints=args.model_checkpoints,
+                                     model_name=args.model_name, seed=args.seed, threads=args.threads, alpha=args.alpha,
+                                     beta=args.beta, resume_from=args.resume_from, forced=forced)
             manifest["prompt"]["row_norm"] = row_norm
-            save_run(tmp, args, evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
+            save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)
         print(format_table({"SPUL": evaluation.metrics}))
         print(f"run folder: {out}")

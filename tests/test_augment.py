@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import spul
+from utils.cli import data_config
 from tests.conftest import write_splits
 from utils.augment import AugmentError, counterfactual_retain, forgotten_names, names_from_split
 from utils.data import training_set
@@ -68,11 +69,11 @@ def test_forgotten_names_flag_first_then_manifest(tmp_path):
     folder = write_splits(tmp_path / "d")
     args = spul.build_parser().parse_args(["--data_dir", str(folder), "--counterfactual_retain"])
     with pytest.raises(AugmentError, match="--forget_names"):
-        forgotten_names(args)
+        forgotten_names(args.forget_names, data_config(args))
     (folder / "manifest.json").write_text(json.dumps({"recipe": "entities", "params": {"names": NAMES}}))
-    assert forgotten_names(args) == NAMES
+    assert forgotten_names(args.forget_names, data_config(args)) == NAMES
     args.forget_names = ["Someone Else"]
-    assert forgotten_names(args) == ["Someone Else"]
+    assert forgotten_names(args.forget_names, data_config(args)) == ["Someone Else"]
 
 
 def test_training_set_puts_extra_rows_on_the_retain_side():

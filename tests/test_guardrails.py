@@ -16,7 +16,7 @@ import qlora
 from tests.conftest import write_splits
 from utils import guardrails
 from utils.baselines import METHODS
-from utils.cli import UsageError
+from utils.cli import UsageError, data_config
 from utils.data import EVAL_SPLITS
 from utils.guardrails import (
     INSTRUCTION_LABEL,
@@ -32,6 +32,11 @@ INSTRUCTION = SENTIMENT.instruction
 GENERIC_LABELS, LABEL_WORDS, render = SENTIMENT.generic_labels, SENTIMENT.label_words, SENTIMENT.render
 
 PEOPLE = ["Woody Allen", "Spielberg", "Godard"]
+
+
+def _options(args):
+    """What baselines.py hands a training-free method: its flags as GuardrailOptions."""
+    return guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, args.seed, data_config(args))
 TRAINING_FREE = [n for n, m in METHODS.items() if m.training_free]
 
 # ---------------------------------------------------------------------------------------------
@@ -66,15 +71,15 @@ def test_instruction_guardrail_takes_the_flag_before_the_manifest(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"recipe": "entities", "params": {"names": PEOPLE}}))
     parse = baselines.build_parser().parse_args
     args = parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)])
-    guard = guardrails.instruction_guardrail(args, {}, SENTIMENT)
+    guard = guardrails.instruction_guardrail(_options(args), {}, SENTIMENT)
     assert guard.record == {"instruction": INSTRUCTION, "generic_label": INSTRUCTION_LABEL, "forget_names": PEOPLE}
     assert guard.text == instruction_text(PEOPLE, SENTIMENT)
     args = parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder), "--forget_names", "Ann Other"])
-    guard = guardrails.instruction_guardrail(args, {}, SENTIMENT)
+    guard = guardrails.instruction_guardrail(_options(args), {}, SENTIMENT)
     assert guard.record["forget_names"] == ["Ann Other"] and "Woody Allen" not in guard.text
     (folder / "manifest.json").unlink()
     with pytest.raises(UsageError, match="--forget_names"):
-        guardrails.instruction_guardrail(parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)]), {}, SENTIMENT)
+        guardrails.instruction_guardrail(_options(parse(["--unlearn_method", "instruction_prompt", "--data_dir", str(folder)])), {}, SENTIMENT)
 
 
 def _frames(n_forget=20, retain_labels=(1,) * 15 + (0,) * 5):
@@ -121,12 +126,12 @@ def test_icl_retain_balance_with_odd_k_and_a_short_class():
 def test_icl_examples_come_from_the_training_splits_only(tmp_path):
     frames = {s: pd.DataFrame({"text": [f"{s} row {i}" for i in range(6)], "label": [i % 2 for i in range(6)]}) for s in EVAL_SPLITS}
     args = baselines.build_parser().parse_args(["--unlearn_method", "in_context", "--icl_forget", "6", "--icl_retain", "6"])
-    guard = guardrails.in_context_guardrail(args, frames, SENTIMENT)
+    guard = guardrails.in_context_guardrail(_options(args), frames, SENTIMENT)
     assert {e["text"].split(" row")[0] for e in guard.record["examples"]} == {"train_forget", "train_retain"}
     assert not any(s in guard.text for s in ("val_", "test_"))
     args.icl_forget = 7
     with pytest.raises(UsageError, match="--icl_forget 7: train_forget holds only 6 rows"):
-        guardrails.in_context_guardrail(args, frames, SENTIMENT)
+        guardrails.in_context_guardrail(_options(args), frames, SENTIMENT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,16 +154,15 @@ def test_dataset_builds_once_into_the_cache_with_a_manifest(fake_hub, built, tmp
 
 
 def test_the_forgotten_subjects_are_found_for_the_instruction_guardrail(fake_hub):
-    from types import SimpleNamespace
-
+    from utils.data import DataConfig
     from utils import guardrails
     from utils.augment import names_from_split, subjects_from_split
     from utils.task import MCQA
 
     assert subjects_from_split(locate("wmdp_sciq")) == mcqa.NAMES
     assert names_from_split(locate("wmdp_sciq")) is None  # not people's names (no name swaps, no name probes)
-    args = SimpleNamespace(dataset="wmdp_sciq", data_dir=None, data_root=None, forget_names=None)
-    guard = guardrails.instruction_guardrail(args, {}, MCQA)
+    data = DataConfig(dataset="wmdp_sciq", task=MCQA)
+    guard = guardrails.instruction_guardrail(guardrails.GuardrailOptions(data=data), {}, MCQA)
     assert guard.record["forget_names"] == mcqa.NAMES and all(n in guard.text for n in mcqa.NAMES)
 
 

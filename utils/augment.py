@@ -86,11 +86,12 @@ def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, poo
     return out.reset_index(drop=True)
 
 
-def forgotten_names(args) -> list[str]:
-    """``--forget_names`` if given, else the names in the split folder's manifest."""
-    if getattr(args, "forget_names", None):
-        return list(args.forget_names)
-    names = names_from_split(locate(args.dataset, args.data_dir, args.data_root))
+def forgotten_names(forget_names, data) -> list[str]:
+    """``--forget_names`` if given, else the names in the manifest of the split folder that
+    ``data`` (a ``utils.data.DataConfig``) reads."""
+    if forget_names:
+        return list(forget_names)
+    names = names_from_split(locate(data.dataset, data.data_dir, data.data_root))
     if not names:
         raise AugmentError(
             "--counterfactual_retain: the split does not record its forgotten names "

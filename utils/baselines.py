@@ -244,7 +244,7 @@ class Method:
     relabel_forget: bool = False  # forget samples carry generic labels
     ref_logprob: bool = False  # needs log pi_ref(y|x) on forget samples
     ref_dist: bool = False  # needs the reference label distribution on retain samples
-    # training-free (no loss, no training): ``prefix(args, splits) -> utils.guardrails.Guardrail``
+    # training-free (no loss, no training): ``prefix(GuardrailOptions, splits, task) -> Guardrail`` (utils.guardrails)
     # builds the hard-text prefix placed before every input; the run saves no weights
     training_free: bool = False
     prefix: Callable | None = None

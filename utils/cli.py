@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from functools import wraps
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from utils.runs import RunError, read_manifest
 from utils.splits import SplitError
 from utils.task import TASKS
 from utils.template import Encoder, check_labels
-from utils.trackers import TrackerError, check_package, tracker_fields
+from utils.trackers import DEFAULT_PROJECT, TrackerError, check_package, check_tracker_dir, default_tracker_dir, hparams
 from utils.training import LaunchError, read_checkpoint_info
 
 
@@ -281,7 +282,7 @@ def run_fingerprint(args, splits) -> dict:
 def check_resume(args, out, splits) -> dict:
     """Before any model is loaded: with ``--resume``, the checkpoint next to ``out`` must come
     from the same flags and data. Returns the ``TrainConfig`` fields for checkpointing, batching,
-    accumulation, precision and experiment tracking (``utils.trackers.tracker_fields``: the
+    accumulation, precision and experiment tracking (``tracker_fields``: the
     tracker folder is checked to be writable here)."""
     folder = checkpoint_dir(out)
     fingerprint = run_fingerprint(args, splits)
@@ -306,6 +307,24 @@ def check_resume(args, out, splits) -> dict:
             "mixed_precision": getattr(args, "mixed_precision", "no"),
             "gradient_checkpointing": getattr(args, "gradient_checkpointing", False),
             **tracker_fields(args, out)}
+
+
+def tracker_fields(args, out) -> dict:
+    """The ``TrainConfig`` fields for the trackers, checked (package, writable folder); the
+    resolved folder and run name are written back into ``args`` so that config.json records
+    where the logs are. Nothing is created with ``--report_to none``."""
+    report_to = getattr(args, "report_to", "none") or "none"
+    if report_to == "none":
+        return {"report_to": "none"}
+    check_package(report_to)
+    folder = Path(args.tracker_dir) if getattr(args, "tracker_dir", None) else default_tracker_dir(out)
+    check_tracker_dir(folder)
+    name = getattr(args, "run_name", None) or f"{Path(out).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.tracker_dir, args.run_name = str(folder), name
+    config = {k: v for k, v in sorted(vars(args).items())}
+    return {"report_to": report_to, "tracker_dir": str(folder), "run_name": name,
+            "tracker_project": getattr(args, "tracker_project", None) or DEFAULT_PROJECT,
+            "tracker_config": hparams(config)}
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:

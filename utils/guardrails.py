@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from utils.augment import AugmentError, forgotten_names, subjects_from_split
-from utils.data import locate
+from utils.data import DataConfig, locate
 from utils.cli import UsageError
 from utils.forward import unwrap
 from utils.splits import clean_names
@@ -33,6 +33,17 @@ from utils.task import Task
 INSTRUCTION_LABEL = "unknown"  # one of every shipped task's generic labels
 
 ICL_DEFAULT = 4  # default of --icl_forget and --icl_retain
+
+
+@dataclass(frozen=True)
+class GuardrailOptions:
+    """What the training-free methods' flags say (``baselines.py``)."""
+
+    forget_names: list[str] | None = None  # --forget_names
+    icl_forget: int | None = None  # --icl_forget
+    icl_retain: int | None = None  # --icl_retain
+    seed: int = 0  # --seed: draws the in-context examples
+    data: DataConfig | None = None  # where the split folder's manifest is (the forgotten names)
 
 
 @dataclass(frozen=True)
@@ -100,13 +111,14 @@ def icl_text(examples: list[dict], task: Task) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def instruction_guardrail(args, splits, task: Task) -> Guardrail:
+def instruction_guardrail(options: GuardrailOptions, splits, task: Task) -> Guardrail:
     """``--forget_names``, else the names recorded by an entities-recipe split folder, else the
     forgotten subjects a split folder records (wmdp_sciq's)."""
     try:
-        names = clean_names(forgotten_names(args))
+        names = clean_names(forgotten_names(options.forget_names, options.data))
     except AugmentError:  # no people's names recorded: a topic-based forget set may record its subjects
-        names = clean_names(subjects_from_split(locate(args.dataset, args.data_dir, getattr(args, "data_root", None))) or [])
+        data = options.data
+        names = clean_names(subjects_from_split(locate(data.dataset, data.data_dir, data.data_root)) or [])
     if not names:
         raise UsageError(
             "--unlearn_method instruction_prompt: no forgotten names (the split folder does not record them: "
@@ -116,14 +128,14 @@ def instruction_guardrail(args, splits, task: Task) -> Guardrail:
                                                 "forget_names": names})
 
 
-def in_context_guardrail(args, splits, task: Task) -> Guardrail:
+def in_context_guardrail(options: GuardrailOptions, splits, task: Task) -> Guardrail:
     """``--icl_forget`` examples of train_forget and ``--icl_retain`` of train_retain (never
     validation or test rows), seeded by ``--seed``."""
     for flag, split in (("icl_forget", "train_forget"), ("icl_retain", "train_retain")):
-        if getattr(args, flag) > len(splits[split]):
-            raise UsageError(f"--{flag} {getattr(args, flag)}: {split} holds only {len(splits[split])} rows")
-    examples = draw_icl_examples(splits["train_forget"], splits["train_retain"], args.icl_forget, args.icl_retain, args.seed, task)
-    return Guardrail(icl_text(examples, task), {"icl_forget": args.icl_forget, "icl_retain": args.icl_retain, "examples": examples})
+        if getattr(options, flag) > len(splits[split]):
+            raise UsageError(f"--{flag} {getattr(options, flag)}: {split} holds only {len(splits[split])} rows")
+    examples = draw_icl_examples(splits["train_forget"], splits["train_retain"], options.icl_forget, options.icl_retain, options.seed, task)
+    return Guardrail(icl_text(examples, task), {"icl_forget": options.icl_forget, "icl_retain": options.icl_retain, "examples": examples})
 
 
 # ---------------------------------------------------------------------------------------------

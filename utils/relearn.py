@@ -202,7 +202,7 @@ def check_runs(args) -> list[dict]:
 
 def resolve_names(args) -> list[str]:
     try:
-        names = forgotten_names(args)
+        names = forgotten_names(args.forget_names, cli.data_config(args))
     except AugmentError as e:
         raise cli.UsageError(
             "--forget_names: the split does not record its forgotten names (not built by the entities "

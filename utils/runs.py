@@ -104,32 +104,35 @@ def warn_if_oracle(manifest: dict | None, run_dir, flag: str = "--model_checkpoi
               f"measures nothing (unlearn the QLoRA run trained on train_retain + train_forget)", file=sys.stderr)
 
 
-def run_manifest(kind: str, args, model_path: str, splits: dict, task, **extra) -> dict:
-    """What binds a run's artefacts to the model, data, task and code they came from."""
+def run_manifest(kind: str, data, splits: dict, *, model_name: str, model_path: str, seed: int, threads: int | None,
+                 **extra) -> dict:
+    """What binds a run's artefacts to the model, data (a ``utils.data.DataConfig``), task and
+    code they came from."""
     return {
         "kind": kind,
-        "base_model": args.model_name,
+        "base_model": model_name,
         "base_model_path": str(model_path),
         "base_weights_sha256": weights_hash(model_path),
-        **task.manifest(),
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "forget_size": args.forget_size,
-        "seed": args.seed,
-        "data_seed": args.data_seed,
-        "val_fraction": args.val_fraction,
-        "threads": args.threads,
+        **data.task.manifest(),
+        "dataset": data.dataset,
+        "data_dir": data.data_dir,
+        "forget_size": data.forget_size,
+        "seed": seed,
+        "data_seed": data.data_seed,
+        "val_fraction": data.val_fraction,
+        "threads": threads,
         "splits": split_fingerprint(splits),
         "versions": library_versions(),
         **extra,
     }
 
 
-def save_run(tmp: Path, args, evaluation, manifest: dict, stats: dict | None = None) -> None:
+def save_run(tmp: Path, config: dict, evaluation, manifest: dict, stats: dict | None = None) -> None:
     """The files every run folder has: config, metrics, manifest (and train stats), from a
     ``utils.evaluation.Evaluation``; with per-example records also ``records.jsonl`` (one JSON
-    object per evaluated example) and ``audit.json`` (the membership-inference AUCs)."""
-    write_json(tmp / CONFIG, vars(args))
+    object per evaluated example) and ``audit.json`` (the membership-inference AUCs). ``config``:
+    the resolved flags (``vars(args)``)."""
+    write_json(tmp / CONFIG, config)
     write_json(tmp / METRICS, evaluation.metrics)
     write_json(tmp / MANIFEST, manifest)
     if stats is not None:

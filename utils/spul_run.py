@@ -24,70 +24,73 @@ MANIFEST_FIELDS = ("source_kind", "qlora_run", "qlora_adapter_sha256", "qlora_sp
                    "forced_mismatches")
 
 
-def check_sources(args) -> None:
+def check_sources(model_checkpoints: str | None, model_name: str | None, resume_from: str | None, force: bool) -> str:
     """Checks on --model_checkpoints, --model_name and --resume_from that need no model loaded:
     run kinds, a --model_name that contradicts the QLoRA run, a --resume_from prompt trained on
-    another model (unless --force). Sets ``args.model_name`` to the base model that will be used."""
-    qlora = read_manifest(Path(args.model_checkpoints), "--model_checkpoints", ("qlora",)) if args.model_checkpoints else None
-    warn_if_oracle(qlora, args.model_checkpoints)
-    if qlora and args.model_name and resolve_model(args.model_name) != resolve_model(qlora["base_model"]):
+    another model (unless --force). Returns the base model that will be used."""
+    qlora = read_manifest(Path(model_checkpoints), "--model_checkpoints", ("qlora",)) if model_checkpoints else None
+    warn_if_oracle(qlora, model_checkpoints)
+    if qlora and model_name and resolve_model(model_name) != resolve_model(qlora["base_model"]):
         raise UsageError(
-            f"--model_name {args.model_name}: conflicts with --model_checkpoints {args.model_checkpoints}, "
+            f"--model_name {model_name}: conflicts with --model_checkpoints {model_checkpoints}, "
             f"which was fine-tuned from {qlora['base_model']}; pass only one of them"
         )
-    args.model_name = qlora["base_model"] if qlora else (args.model_name or DEFAULT_MODEL)
-    if not args.resume_from:
-        return
-    old = read_manifest(Path(args.resume_from), "--resume_from", ("spul",))
+    model_name = qlora["base_model"] if qlora else (model_name or DEFAULT_MODEL)
+    if not resume_from:
+        return model_name
+    old = read_manifest(Path(resume_from), "--resume_from", ("spul",))
     new = {
-        "base_weights_sha256": qlora["base_weights_sha256"] if qlora else weights_hash(resolve_model(args.model_name)),
+        "base_weights_sha256": qlora["base_weights_sha256"] if qlora else weights_hash(resolve_model(model_name)),
         "qlora_adapter_sha256": qlora["adapter_sha256"] if qlora else None,
     }
     differ = [k for k, v in new.items() if old.get(k) != v]
-    if differ and not args.force:
+    if differ and not force:
         raise BindingMismatch(
-            f"--resume_from {args.resume_from}: was trained on a different model ({', '.join(differ)} differ); "
+            f"--resume_from {resume_from}: was trained on a different model ({', '.join(differ)} differ); "
             f"pass --force to use it anyway"
         )
+    return model_name
 
 
-def source_binding(args, source) -> dict:
+def source_binding(model_checkpoints: str | None, source) -> dict:
     """Manifest fields naming the QLoRA run the prompt sits on (None for a pre-trained model)."""
     is_qlora = source.manifest.get("kind") == "qlora"
     return {
         "source_kind": source.manifest.get("kind"),
-        "qlora_run": str(Path(args.model_checkpoints).resolve()) if is_qlora else None,
+        "qlora_run": str(Path(model_checkpoints).resolve()) if is_qlora else None,
         "qlora_adapter_sha256": source.manifest.get("adapter_sha256") if is_qlora else None,
         "qlora_splits": source.manifest.get("splits") if is_qlora else None,
     }
 
 
-def spul_manifest(args, source, splits, task, folder: Path, peft_model, tokenizer, forced: list) -> dict:
+def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, model_checkpoints: str | None,
+                  model_name: str, seed: int, threads: int | None, alpha: float, beta: float,
+                  resume_from: str | None, forced: list) -> dict:
     """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
     the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
     drew each generic label, and any mismatch accepted with --force."""
     return run_manifest(
-        "spul", args, source.model_path, splits, task,
-        **source_binding(args, source),
+        "spul", data, splits, model_name=model_name, model_path=source.model_path, seed=seed, threads=threads,
+        **source_binding(model_checkpoints, source),
         tokenizer=tokenizer_fingerprint(tokenizer),
         prompt=prompt_summary(peft_model),
         prompt_sha256=weights_hash(folder / PROMPT_DIR),
         prompt_encoder_sha256=file_hash(folder / ENCODER_FILE),
-        alpha=args.alpha,
-        beta=args.beta,
-        generic_label_counts=dict(sorted(Counter(task.generic_for(len(splits["train_forget"]), args.seed)).items())),
-        resumed_from=str(Path(args.resume_from).resolve()) if args.resume_from else None,
+        alpha=alpha,
+        beta=beta,
+        generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed)).items())),
+        resumed_from=str(Path(resume_from).resolve()) if resume_from else None,
         forced_mismatches=forced,
     )
 
 
-def resume_encoder(peft_model, args) -> None:
+def resume_encoder(peft_model, resume_from: str) -> None:
     """``--resume_from SPUL_RUN`` (checked by ``check_sources``): start from that run's encoder
     weights; p and h must be the same."""
     try:
-        load_encoder_weights(peft_model, Path(args.resume_from))
+        load_encoder_weights(peft_model, Path(resume_from))
     except (ValueError, OSError) as e:
-        raise UsageError(f"--resume_from {args.resume_from}: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"--resume_from {resume_from}: {str(e).splitlines()[0]}") from e
 
 
 def load_spul(run_dir: Path, manifest: dict, device, load_source: LoadSource) -> Loaded:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from utils import distributed
@@ -79,24 +78,6 @@ def check_tracker_dir(path) -> Path:
     except OSError as e:
         raise TrackerError(f"--tracker_dir {path}: not writable ({e.strerror or e})") from e
     return path
-
-
-def tracker_fields(args, out) -> dict:
-    """The ``TrainConfig`` fields for the trackers, checked (package, writable folder); the
-    resolved folder and run name are written back into ``args`` so that config.json records
-    where the logs are. Nothing is created with ``--report_to none``."""
-    report_to = getattr(args, "report_to", "none") or "none"
-    if report_to == "none":
-        return {"report_to": "none"}
-    check_package(report_to)
-    folder = Path(args.tracker_dir) if getattr(args, "tracker_dir", None) else default_tracker_dir(out)
-    check_tracker_dir(folder)
-    name = getattr(args, "run_name", None) or f"{Path(out).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.tracker_dir, args.run_name = str(folder), name
-    config = {k: v for k, v in sorted(vars(args).items())}
-    return {"report_to": report_to, "tracker_dir": str(folder), "run_name": name,
-            "tracker_project": getattr(args, "tracker_project", None) or DEFAULT_PROJECT,
-            "tracker_config": hparams(config)}
 
 
 def hparams(config: dict) -> dict:
