@@ -383,3 +383,44 @@ def test_end_to_end_records_the_mcqa_task_and_scores_letters(e2e):
     assert guard["guardrail"]["forget_names"] == mcqa.NAMES and guard["guardrail"]["instruction"] == MCQA.instruction
     table = (root / "table.md").read_text()
     assert table.count("\n") >= len(runs) + 1
+
+
+def test_a_too_long_question_loses_its_head_never_its_options():
+    from tests.tiny import tiny_tokenizer
+    from utils.task import MCQA, format_question
+    from utils.template import Encoder
+
+    tok = tiny_tokenizer()
+    text = format_question("why " * 60 + "is the sky blue?", ["air", "sea", "ice", "sun"], MCQA.label_words)
+    full = Encoder(tok, 4096, task=MCQA).encode(text, "B")[0]
+    enc = Encoder(tok, 120, task=MCQA)
+    ids, label = enc.encode(text, "B")
+    assert len(ids) <= 120 and ids[-len(label):] == label
+    assert ids[-60:] == full[-60:]  # the options, the answer header and the label: the end of the string is kept
+    decoded = tok.decode(ids)
+    assert all(f"{letter}. {word}" in decoded.replace(" . ", ". ") or f"{letter} . {word}" in decoded
+               for letter, word in zip("ABCD", ["air", "sea", "ice", "sun"]))
+    assert decoded.count("why") < 60  # the head of the question went
+    # the sentiment task still cuts the tail of its text
+    from utils.task import SENTIMENT
+
+    review = "good " * 200
+    s_ids, _ = Encoder(tok, 60, task=SENTIMENT).encode(review, "positive")
+    s_full, _ = Encoder(tok, 4096, task=SENTIMENT).encode(review, "positive")
+    assert s_ids[:12] == s_full[:12]
+
+
+def test_a_run_of_one_task_is_not_evaluated_as_another(tmp_path, capsys):
+    import inference_spul
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"kind": "qlora", "task": "sentiment"}))
+    folder = write_mcqa(tmp_path / "mcqa")
+    with pytest.raises(SystemExit) as e:
+        inference_spul.main(["--model_checkpoints", str(run), "--dataset", "wmdp_sciq", "--data_dir", str(folder),
+                             "--output_path", str(tmp_path / "eval")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sentiment task" in err[0] and "mcqa" in err[0]
+    assert not (tmp_path / "eval").exists()

@@ -234,8 +234,13 @@ def check_tokenizer(args) -> None:
     """``--max_length`` against the tokenizer the run will use, loaded without the model: the
     run folder's ``tokenizer/`` with ``--model_checkpoints``, else ``--model_name``'s (which also
     checks that the model name resolves)."""
+    task = resolve_task(args.dataset, getattr(args, "task", None))
     if getattr(args, "model_checkpoints", None):
-        read_manifest(Path(args.model_checkpoints), "--model_checkpoints")  # a run folder at all
+        manifest = read_manifest(Path(args.model_checkpoints), "--model_checkpoints")  # a run folder at all
+        trained_on = manifest.get("task", "sentiment")  # runs made before tasks existed are sentiment runs
+        if trained_on != task.name:
+            raise UsageError(f"--model_checkpoints {args.model_checkpoints}: a run of the {trained_on} task; "
+                             f"--dataset {args.dataset} is read as the {task.name} task (pass --task {trained_on} or other data)")
         flag, path = "--model_checkpoints", Path(args.model_checkpoints) / "tokenizer"
         if not path.is_dir():
             raise RunError(f"--model_checkpoints {args.model_checkpoints}: has no tokenizer/ folder (an incomplete run?)")
@@ -245,7 +250,6 @@ def check_tokenizer(args) -> None:
         tokenizer = load_tokenizer(path, getattr(args, "set_pad_id", False))
     except (OSError, ValueError) as e:
         raise RunError(f"{flag} {path}: cannot load its tokenizer ({short_reason(e)})") from e
-    task = resolve_task(args.dataset, getattr(args, "task", None))
     check_max_length(Encoder(tokenizer, args.max_length, task=task), task.all_words)
 
 

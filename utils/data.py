@@ -292,5 +292,6 @@ def split_fingerprint(splits: dict[str, pd.DataFrame]) -> dict:
         h = hashlib.sha256()
         for t, l in zip(df["text"], df["label"]):
             h.update(f"{l}\t{t}\n".encode())
-        out[s] = {"rows": len(df), "positive": int(df["label"].sum()), "sha256": h.hexdigest()}
+        counts = df["label"].value_counts().sort_index()
+        out[s] = {"rows": len(df), "label_counts": {str(k): int(v) for k, v in counts.items()}, "sha256": h.hexdigest()}
     return out

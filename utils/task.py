@@ -127,10 +127,15 @@ class Task:
     # the instruction_prompt guardrail (utils.guardrails): {names} the forgotten names or subjects,
     # {label} the generic label to answer with; it ends with a blank line, before the prefix
     instruction: str = ""
+    # which end of a too-long text --max_length cuts: "end" (the review's tail) or "start" (the
+    # question's head, so that MCQA keeps its options)
+    truncate: str = "end"
     read_frame: Callable[["Task", pd.DataFrame, str], pd.DataFrame] = field(default=text_frame, repr=False)
     answer_of: Callable[[str, tuple], int] = field(default=substring_answer, repr=False)
 
     def __post_init__(self):
+        if self.truncate not in ("end", "start"):
+            raise ValueError(f"task {self.name}: truncate must be 'end' or 'start'")
         if set(self.label_words) & set(self.generic_labels):
             raise ValueError(f"task {self.name}: generic labels {self.generic_labels} overlap the label words")
 
@@ -176,7 +181,7 @@ class Task:
     def manifest(self) -> dict:
         """What a run records of its task (checked when a run is reused)."""
         return {"task": self.name, "template": self.template, "label_words": list(self.label_words),
-                "generic_labels": list(self.generic_labels)}
+                "generic_labels": list(self.generic_labels), "truncate": self.truncate}
 
 
 SENTIMENT = Task(
@@ -211,6 +216,7 @@ MCQA = Task(
     ),
     read_frame=choices_frame,
     answer_of=letter_answer,
+    truncate="start",  # a long question loses its first words, never its options
 )
 
 TASKS = {task.name: task for task in (SENTIMENT, MCQA)}

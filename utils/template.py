@@ -149,7 +149,8 @@ class Encoder:
     def encode(self, text: str, label_word: str) -> tuple[list[int], list[int]]:
         """Return (input_ids, label_ids); the label tokens are the last len(label_ids) ids.
         ``input_ids`` are the tokenizer's ids for the whole rendered string (its front special
-        tokens included), with the tail of the text's tokens cut when they do not fit."""
+        tokens included), with the tail of the text's tokens cut when they do not fit (its head
+        for a task that keeps the end of its text, ``Task.truncate == "start"``: MCQA's options)."""
         label = self.label_ids(label_word)
         prompt_end = len(self.prefix) + len(text) + len(self.suffix)
         ids, offsets = self._tokenize(self.render(text, label_word))
@@ -166,6 +167,14 @@ class Encoder:
                 f"--max_length {self.max_length} is too short: the template and the label "
                 f"'{label_word}' alone take {self.max_length - keep} tokens"
             )
+        if self.task.truncate == "start":  # keep the text's last tokens (MCQA: the options)
+            first = end - keep
+            # do not start inside a character: its byte pieces share its offsets (at most 4 bytes)
+            for _ in range(3):
+                if first >= end - 1 or offsets[first][0] >= offsets[first - 1][1]:
+                    break
+                first += 1
+            return self._bos + ids[:start] + ids[first:], label
         cut = start + keep
         # do not leave part of a character: the byte pieces of one character (byte fallback,
         # byte-level BPE) share its offsets, and a UTF-8 character has at most 4 bytes
