@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from utils import guardrails
-from utils.binding import file_hash
 from utils.forward import label_logits, to_device
 from utils.loading import Loaded, LoadSource, load_merged, load_source_or_base
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean, sequence_logprob
 from utils.models import load_model, load_tokenizer, set_pad_token_id, weights_hash
 from utils.runs import RunError
+from utils.splits import sha256_file
 from utils.template import IGNORE, collate
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ def save_prefix(tmp: Path, tokenizer, text: str) -> dict:
     token ids) for the manifest; no weights are saved."""
     ids = guardrails.prefix_ids(tokenizer, text)
     (tmp / PREFIX_FILE).write_bytes(text.encode("utf-8"))
-    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": file_hash(tmp / PREFIX_FILE),
+    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": sha256_file(tmp / PREFIX_FILE),
             "prefix_tokens": len(ids), "prefix_ids_sha256": guardrails.ids_sha256(ids)}
 
 
@@ -520,7 +520,7 @@ def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device, load_s
     drops it)."""
     saved = manifest["saved"]
     path = run_dir / saved["prefix"]
-    if not path.is_file() or file_hash(path) != saved["prefix_sha256"]:
+    if not path.is_file() or sha256_file(path) != saved["prefix_sha256"]:
         raise RunError(f"--model_checkpoints {run_dir}: {saved['prefix']} is missing or does not match the manifest hash")
     text = path.read_bytes().decode("utf-8")
     if guardrails.ids_sha256(guardrails.prefix_ids(tokenizer, text)) != saved["prefix_ids_sha256"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from utils.models import ModelNotFound, resolve_model, weights_hash
 from utils.prompt import ENCODER_FILE, PROMPT_DIR
 from utils.runs import RunError
+from utils.splits import sha256_file
 
 
 class BindingMismatch(RunError):
@@ -39,7 +40,7 @@ def _prompt(run_dir: Path, manifest: dict) -> str:
 
 
 def _prompt_encoder(run_dir: Path, manifest: dict) -> str:
-    return file_hash(run_dir / ENCODER_FILE)
+    return sha256_file(run_dir / ENCODER_FILE)
 
 
 # manifest field -> (what it names, how to recompute it from what the manifest points to now)
@@ -51,13 +52,6 @@ CHECKS = {
     "prompt_encoder_sha256": ("prompt encoder", _prompt_encoder),
 }
 
-
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:

@@ -18,15 +18,14 @@ from utils.data import EVAL_SPLITS, encode_frame
 from utils.forward import PromptCache, label_logits, to_device
 from utils.metrics import classification_metrics, map_predictions
 from utils.mia import mia_metrics
-from utils.template import collate
+from utils.template import check_labels, collate
 
 
 def label_token_ids(encoder, words) -> list[int]:
-    """First token of each word; they must differ, or argmax predictions are ambiguous."""
-    firsts = [encoder.label_ids(w)[0] for w in words]
-    if len(set(firsts)) != len(firsts):
-        raise ValueError(f"the labels {list(words)} share a first token under this tokenizer")
-    return firsts
+    """First in-context token of each word; they must differ (``utils.template.check_labels``),
+    or argmax predictions are ambiguous."""
+    check_labels(encoder, words)
+    return [encoder.label_ids(w)[0] for w in words]
 
 
 def length_batches(features: list[dict], batch_size: int) -> list[list[int]]:

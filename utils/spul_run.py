@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from utils.binding import BindingMismatch, file_hash, tokenizer_fingerprint
+from utils.binding import BindingMismatch, tokenizer_fingerprint
 from utils.cli import UsageError
 from utils.loading import Loaded, LoadSource, load_source_or_base
 from utils.models import DEFAULT_MODEL, load_tokenizer, resolve_model, weights_hash
 from utils.prompt import ENCODER_FILE, PROMPT_DIR, load_encoder_weights, load_prompt, prompt_summary
 from utils.runs import read_manifest, run_manifest, warn_if_oracle
+from utils.splits import sha256_file
 
 TOKENIZER_DIR = "tokenizer"
 # what a SPUL manifest adds to utils.runs.run_manifest's
@@ -75,7 +76,7 @@ def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, 
         tokenizer=tokenizer_fingerprint(tokenizer),
         prompt=prompt_summary(peft_model),
         prompt_sha256=weights_hash(folder / PROMPT_DIR),
-        prompt_encoder_sha256=file_hash(folder / ENCODER_FILE),
+        prompt_encoder_sha256=sha256_file(folder / ENCODER_FILE),
         alpha=alpha,
         beta=beta,
         generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed)).items())),
