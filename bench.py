@@ -56,6 +56,7 @@ from utils.baselines import METHODS, NoReference, build_reference_store, make_lo
 from utils.data import encode_frame, prepare_splits, training_set
 from utils.evaluation import length_batches
 from utils.forward import PromptCache, full_logits_at_labels, gather_label_logits, label_logits, to_device, unwrap
+from utils.lean_mlp import lean_mlps
 from utils.models import (
     add_lora,
     compute_dtype,
@@ -354,13 +355,15 @@ def build_data(args, encoder, splits) -> Data:
 OPTIMIZER_SCOPE = "optimizer."  # record_function blocks of the update (the profile's "optimizer" category)
 
 
-def train_step(model, loss_fn, batch, params, optimizer) -> None:
-    """One training step as utils.training.train runs it: loss, backward, clipping, AdamW step,
-    zero_grad (the update's parts each in a ``record_function`` block, for --profile)."""
+def train_step(model, loss_fn, batch, params, optimizer, lean: bool = True) -> None:
+    """One training step as utils.training.train runs it: loss, backward (with the lean SwiGLU
+    MLPs unless ``lean`` is False), clipping, AdamW step, zero_grad (the update's parts each in a
+    ``record_function`` block, for --profile)."""
     from torch.profiler import record_function
 
-    loss, _ = loss_fn(model, batch)
-    loss.backward()
+    with lean_mlps(model, lean):
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
     with record_function(OPTIMIZER_SCOPE + "clip_grad_norm"):
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
     with record_function(OPTIMIZER_SCOPE + "step"):
@@ -382,6 +385,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     note: str = ""
     prepare: Callable | None = None  # untimed, before the rounds; returns extra figures for the row
+    lean: bool = True  # the SwiGLU MLPs save two tensors for the backward (utils.lean_mlp), as train() runs them
     extra: dict = field(default_factory=dict)
     times: list = field(default_factory=list)
     cpu_times: list = field(default_factory=list)  # process CPU seconds (all threads) per timed step
@@ -395,7 +399,7 @@ class Trainer:
         return to_device(collate([self.features[i] for i in idx], pad_id), device)
 
     def step(self, batch) -> None:
-        train_step(self.model, self.loss_fn, batch, self.params, self.optimizer)
+        train_step(self.model, self.loss_fn, batch, self.params, self.optimizer, self.lean)
 
     def count_flops(self, batch, device=None) -> int:
         """Matmul/attention FLOPs of the loss's forward and backward on ``batch`` (no update);
@@ -403,7 +407,7 @@ class Trainer:
         above the start (``saved_bytes``, ``step_peak_above_start``)."""
         counter = flop_counter()
         saved = SavedActivations(self.loss_fn, unwrap(self.model))
-        with PeakMemory(device if device is not None else batch["input_ids"].device) as mem, counter:
+        with PeakMemory(device if device is not None else batch["input_ids"].device) as mem, counter, lean_mlps(self.model, self.lean):
             loss, _ = saved(self.model, batch)
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
@@ -447,24 +451,27 @@ def qlora_trainers(bench: Bench) -> list[Trainer]:
     return [Trainer("QLoRA", model, params, label_ce, bench.data.plain, adamw(params, LR["qlora"]), note)]
 
 
+SPUL_VARIANTS = (  # name, SpulObjective options, lean MLP, note
+    ("SPUL", {"reference_cache": True}, True, "spul.py's step: prompt KV cache, reference cache (epochs 2+), lean SwiGLU MLP"),
+    ("SPUL, reference on the fly", {}, True, "--no_cache_reference: the reference forward at every step (spul.py's first epoch)"),
+    ("SPUL, without the lean MLP", {"reference_cache": True}, False, "as SPUL, the MLPs run as the model defines them (3 saved tensors)"),
+    ("SPUL, prompt prepended", {"prompt_cache": False}, True, "prompt prepended to every row, reference on the fly"),
+)
+
+
 def spul_trainers(bench: Bench) -> list[Trainer]:
     """spul.py's step on the frozen model (the one of the memory run): the prompt through its
-    key/value cache with the reference on the fly (as spul.py trains); for comparison the
-    prompt prepended to every row, and the opt-in reference cache in its steady state (every
-    epoch after the first: the cache is filled over the bench batches before timing)."""
+    key/value cache, the reference from its cache in the steady state (every epoch after the
+    first: the cache is filled over the bench batches before timing; the first visits' cost is
+    reported with the row), the lean SwiGLU MLP; and the variants that each undo one of these."""
     model, args = bench.spul_model, bench.args
     params = trainable_parameters(model)
-    variants = (
-        ("SPUL", {}, "prompt KV cache, reference on the fly (spul.py)"),
-        ("SPUL, prompt prepended", {"prompt_cache": False}, "prompt prepended to every row, reference on the fly"),
-        ("SPUL, reference cached", {"reference_cache": True}, "prompt KV cache, opt-in reference cache, epochs 2+"),
-    )
     rows = []
-    for name, options, note in variants:
+    for name, options, lean, note in SPUL_VARIANTS:
         objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, **options)
         prepare = (lambda t: fill_reference_cache(bench, t)) if options.get("reference_cache") else None
         rows.append(Trainer(name, model, params, objective, bench.data.generic, adamw(params, LR["spul"]),
-                            f"p={args.ptuning_num_tokens}, beta={args.beta:g}, {note}", prepare))
+                            f"p={args.ptuning_num_tokens}, beta={args.beta:g}, {note}", prepare, lean=lean))
     return rows
 
 
@@ -573,7 +580,7 @@ def release_style_trainer(bench: Bench) -> list[Trainer]:
     objective = ReleaseStyleSpul(args.alpha, args.beta)
     note = f"p={args.ptuning_num_tokens}, beta={args.beta:g}, PEFT's own forward, full logits, reference logits precomputed by a model copy"
     return [Trainer("SPUL, release-style", model, params, objective, bench.data.generic, adamw(params, LR["spul"]), note,
-                    lambda t: fill_release_reference(bench, t))]
+                    lambda t: fill_release_reference(bench, t), lean=False)]  # the model's own MLP forward, as the release runs it
 
 
 def fill_release_reference(bench: Bench, t: Trainer) -> dict:
@@ -631,8 +638,8 @@ def reference_figures(bench: Bench, refs: dict) -> dict:
     rows = {name: {"bytes": s["bytes"], "entries_logprob": s["entries_logprob"], "entries_distribution": s["entries_distribution"],
                    "kl_topk": s["kl_topk"], "build_seconds": s["seconds"], "ratio_to_full_cache": s["bytes"] / full}
             for name, s in refs.items()}
-    rows["SPUL"] = {"bytes": 0, "note": "on-the-fly reference (same frozen model, prompt bypassed): nothing kept between steps",
-                    "ratio_to_full_cache": 0.0}
+    rows["SPUL, reference on the fly"] = {"bytes": 0, "note": "--no_cache_reference (same frozen model, prompt bypassed): nothing kept between steps",
+                                          "ratio_to_full_cache": 0.0}
     return {"n_train": n, "vocab_size": vocab, "full_vocab_fp32_cache_bytes": full, "methods": rows,
             "max_bytes": max(r["bytes"] for r in rows.values())}
 
@@ -660,7 +667,7 @@ def run_rounds(bench: Bench, trainers: list[Trainer], peaks: list) -> None:
             peaks.append(matmul_peak(args.matmul_size, bench.dtype, bench.device))
 
 
-def count_flops(bench: Bench, trainers: list[Trainer], names=("SPUL", "SPUL, release-style", "GA+GD")) -> None:
+def count_flops(bench: Bench, trainers: list[Trainer], names=("SPUL", "SPUL, without the lean MLP", "SPUL, release-style", "GA+GD")) -> None:
     """FLOPs of the timed batches of the named methods (in a separate, untimed pass), with the
     activation bytes each of those steps saves for backward and its batch shape."""
     timed_batches = bench.data.batches[bench.args.warmup_steps:][: bench.args.flop_steps]
@@ -758,7 +765,7 @@ def spul_memory_run(bench: Bench, rss_before_model: int) -> None:
     feats = bench.data.generic[: args.memory_steps * args.batch_size]
     cfg = TrainConfig(lr=LR["spul"], num_epochs=1, batch_size=args.batch_size, weight_decay=WEIGHT_DECAY, warmup_ratio=0.1,
                       max_grad_norm=MAX_GRAD_NORM, seed=args.seed)
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=True)  # as spul.py (its first epoch)
     saved = SavedActivations(objective, model)
     with PeakMemory(bench.device) as mem:
         stats = train(model, trainable_parameters(model), saved, feats, cfg, bench.device, bench.pad_id, desc="spul memory run")
@@ -1153,8 +1160,8 @@ def profile_workload(fn: Callable, model, device, vocab_size: int, shape: dict, 
 
 
 def run_profile(args, device, model_path, tokenizer, encoder, splits) -> dict:
-    """--profile: one SPUL step (batch --batch_size, the project's step: prompt KV cache,
-    reference on the fly), one GA+GD step (batch --profile_baseline_batch_size) and one
+    """--profile: one SPUL step (batch --batch_size, spul.py's step: prompt KV cache, the
+    reference from its cache, filled by the warm-up step), one GA+GD step (batch --profile_baseline_batch_size) and one
     label-position evaluation forward (batch --eval_batch_size), on the training / test data
     at --max_length."""
     pad_id = tokenizer.pad_token_id
@@ -1177,12 +1184,12 @@ def run_profile(args, device, model_path, tokenizer, encoder, splits) -> dict:
     spul_model = add_prompt(model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed)
     params = trainable_parameters(spul_model)
     optimizer = adamw(params, LR["spul"])
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=True)  # the warm-up step fills it
     batch = batch_of([generic_all[i] for i in draw_batches(is_forget, args.batch_size, 1, args.seed)[0]])
     spul_model.train()
     print("profile: SPUL step", file=sys.stderr)
     out["SPUL step"] = profile_workload(lambda: train_step(spul_model, objective, batch, params, optimizer), spul_model, device, vocab,
-                                        {**shape(batch), "what": "the project's SPUL step (prompt KV cache, reference on the fly) + AdamW"})
+                                        {**shape(batch), "what": "spul.py's SPUL step (prompt KV cache, reference cache after the first visit, lean SwiGLU MLP) + AdamW"})
     spul_model.eval()
     batch = batch_of([test[i] for i in sorted(pick)])
 
@@ -1286,7 +1293,7 @@ def format_report(results: dict) -> str:
     ref = results["reference"]
     lines += ["", f"| reference kept (n_train={ref['n_train']}, V={ref['vocab_size']}) | bytes | share of full-vocab fp32 cache ({SHOW['bytes'](ref['full_vocab_fp32_cache_bytes'])}) |", "|---|---|---|"]
     lines += [f"| {name} | {SHOW['bytes'](row['bytes'])} | {100 * row['ratio_to_full_cache']:.3f}% |" for name, row in ref["methods"].items()]
-    lines += [f"| {name} (opt-in cache of final hidden states) | {SHOW['bytes'](row['reference_cache_bytes'])} | {100 * row['reference_cache_ratio_to_full_cache']:.3f}% |"
+    lines += [f"| {name} (cache of final hidden states) | {SHOW['bytes'](row['reference_cache_bytes'])} | {100 * row['reference_cache_ratio_to_full_cache']:.3f}% |"
               for name, row in results["training"].items() if "reference_cache_bytes" in row]
     mem = results["memory"]
     lines += ["", f"SPUL memory run ({mem['steps']} steps): {mem['what']}: {SHOW['bytes'](mem['spul_peak_bytes'])}; one model copy {SHOW['bytes'](mem['model_weights_bytes'])}"]
@@ -1298,6 +1305,11 @@ def format_report(results: dict) -> str:
         lines += [f"SPUL against the release-style step ({rc['what']}):", "", "| figure | SPUL | release-style | SPUL / release |", "|---|---|---|---|"]
         spul = results["training"]["SPUL"]
         lines.append(f"| step s (median) | {spul['step_seconds_median']:.3f} | {rel['step_seconds_median']:.3f} | {rc['step_seconds_ratio_spul_to_release']:.2f}x |")
+        first, pre = spul.get("first_visit_reference_seconds_per_step"), rel.get("precompute_seconds_bench_rows")
+        if first is not None and pre is not None:  # the reference outside the timed step, for both
+            per_batch = pre / max(len(results["training"]["SPUL"]["step_seconds"]) + meta["warmup_steps"], 1)
+            lines.append(f"| reference outside the step, s per batch (SPUL: its first epoch's forward; release: its precompute) | "
+                         f"{first:.3f} | {per_batch:.3f} | |")
         lines.append(f"| train tokens/s | {spul['tokens_per_second']:.1f} | {rel['tokens_per_second']:.1f} | "
                      f"{spul['tokens_per_second'] / rel['tokens_per_second']:.2f}x |")
         if rc["flops_per_step_ratio_spul_to_release"] is not None:

@@ -20,7 +20,7 @@ from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
-from utils.spul_loss import SpulObjective
+from utils.spul_loss import SpulObjective, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
 from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_manifest
@@ -46,7 +46,8 @@ def build_parser():
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
     g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
-    g.add_argument("--cache_reference", action="store_true", help="keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward")
+    g.add_argument("--cache_reference", action="store_true", default=True, help="(default) keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward. Turned off, with a note, when the frozen model has active dropout (its reference is then not a fixed function of the input)")
+    g.add_argument("--no_cache_reference", dest="cache_reference", action="store_false", help="compute the reference on the fly at every step (the release's KL without its stored logits)")
     cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3, save_every=200)
     cli.add_output_args(p)
     return p
@@ -112,7 +113,10 @@ def main(argv=None):
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
     features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra)
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=args.cache_reference)
+    cache_reference = args.cache_reference and not has_dropout(source.model)
+    if args.cache_reference and not cache_reference and distributed.is_main():
+        print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=cache_reference)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
     try:

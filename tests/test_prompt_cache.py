@@ -134,7 +134,7 @@ def test_predict_with_a_prompt_uses_the_cache_and_matches_the_plain_path(model, 
 
 
 def test_reference_hidden_cache_gives_the_on_the_fly_reference():
-    """Opt-in reference cache: same loss terms as the on-the-fly reference, a forward only on
+    """The reference cache: same loss terms as the on-the-fly reference, a forward only on
     the first visit of a sample, d floats per label position kept."""
     peft_model = add_prompt(tiny_llama(V, seed=0), P, 8, seed=3).train()
     on_the_fly = SpulObjective(prompt_embeddings, alpha=1.0, beta=1.0)
@@ -153,8 +153,9 @@ def test_reference_hidden_cache_gives_the_on_the_fly_reference():
 
 
 def test_spul_cache_reference_flag_trains_the_same_prompt(tiny_model_dir, tiny_data_args, tmp_path):
-    """spul.py --cache_reference: the same prompt and metrics as the on-the-fly reference over
-    two epochs, with the second epoch served from the cache."""
+    """spul.py caches the reference by default (--cache_reference still accepted): the same
+    prompt and metrics as the on-the-fly reference (--no_cache_reference) over two epochs, with
+    the second epoch served from the cache."""
     import json
 
     from safetensors.torch import load_file
@@ -163,11 +164,31 @@ def test_spul_cache_reference_flag_trains_the_same_prompt(tiny_model_dir, tiny_d
 
     args = ["--model_name", tiny_model_dir, "--num_epochs", "2", "--train_batch_size", "8", "--lr", "1e-2", "--beta", "1",
             "--ptuning_num_tokens", "4", "--ptuning_hidden_size", "16", *tiny_data_args]
-    spul.main(args + ["--output_path", str(tmp_path / "plain")])
-    spul.main(args + ["--cache_reference", "--output_path", str(tmp_path / "cached")])
-    prompts = [load_file(str(tmp_path / r / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"] for r in ("plain", "cached")]
+    spul.main(args + ["--no_cache_reference", "--output_path", str(tmp_path / "plain")])
+    spul.main(args + ["--output_path", str(tmp_path / "cached")])
+    spul.main(args + ["--cache_reference", "--output_path", str(tmp_path / "flag")])
+    prompts = [load_file(str(tmp_path / r / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"] for r in ("plain", "cached", "flag")]
     assert torch.allclose(prompts[0], prompts[1], atol=1e-4)
+    assert torch.equal(prompts[1], prompts[2])  # the flag names the default
     stats = json.loads((tmp_path / "cached" / "train_stats.json").read_text())["kl_reference"]
     assert stats["reference_cache_hits"] > 0 and stats["reference_cache_misses"] > 0 and stats["bytes_kept_between_steps"] > 0
     plain = json.loads((tmp_path / "plain" / "train_stats.json").read_text())["kl_reference"]
     assert plain["bytes_kept_between_steps"] == 0 and plain["reference_cache_hits"] is None
+
+
+def test_spul_turns_the_reference_cache_off_on_a_model_with_dropout(tmp_path, tiny_data_args, capsys):
+    """A frozen model with attention dropout: its reference changes between visits, so the
+    cache would freeze one draw; spul.py says so in one line and computes it on the fly."""
+    import json
+
+    import spul
+    from tests.tiny import save_tiny_model
+    from utils.spul_loss import has_dropout
+
+    assert not has_dropout(tiny_llama(V)) and has_dropout(tiny_llama(V, attention_dropout=0.1))
+    folder = save_tiny_model(tmp_path / "dropout", attention_dropout=0.1)
+    spul.main(["--model_name", folder, "--num_epochs", "2", "--train_batch_size", "8", "--ptuning_num_tokens", "4",
+               "--ptuning_hidden_size", "16", *tiny_data_args, "--output_path", str(tmp_path / "run")])
+    assert "note: reference cache off" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "run" / "train_stats.json").read_text())["kl_reference"]
+    assert stats["reference_cache_hits"] is None and stats["bytes_kept_between_steps"] == 0

@@ -1,8 +1,14 @@
 """The toolkit's shared library (see README.md for the map of its modules)."""
 import logging
+import warnings
 
 # bitsandbytes logs, at import on CPUs with AVX512-BF16, that its optional fused CPU 4-bit kernel
 # (the `kernels` package) is missing. The toolkit never uses that path (utils.models.
 # portable_cpu_4bit keeps 4-bit layers on the portable one), so the line is noise on every
 # command's stderr, where our errors must stand alone as one line.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# peft 0.21's get_peft_model reads transformers' `is_gradient_checkpointing`, which transformers
+# 5.x deprecates with a FutureWarning on every wrap (every qlora.py and spul.py run). Not ours to
+# act on; the message is filtered by its exact text so that any other warning still shows.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

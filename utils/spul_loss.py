@@ -60,8 +60,18 @@ def _sharded() -> bool:
     return distributed.sharded()
 
 
+def has_dropout(model) -> bool:
+    """True when the frozen model drops activations in training mode (a dropout module or an
+    attention dropout above 0): its no-prompt reference is then not a fixed function of the
+    input, and ``ReferenceHiddenCache`` would freeze one draw of it."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    return (any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())
+            or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0)
+
+
 class ReferenceHiddenCache:
-    """Opt-in store for the KL reference: the frozen model's no-prompt final hidden states at
+    """The default store for the KL reference: the frozen model's no-prompt final hidden states at
     the label-predicting positions of each retain input seen so far (keyed by its token ids).
     The model never changes during SPUL, so from the second epoch on a sample's reference
     logits are the LM head applied to its stored states: the on-the-fly values up to float
@@ -106,8 +116,9 @@ class SpulObjective:
     positions in the forward and the backward. It falls back to prepending when the model
     checkpoints activations (which drops caches).
 
-    With ``reference_cache`` (off by default) the reference of a retain sample is computed on
-    its first visit only and then read back from a ``ReferenceHiddenCache``.
+    With ``reference_cache`` (spul.py's default; off here unless asked) the reference of a
+    retain sample is computed on its first visit only and then read back from a
+    ``ReferenceHiddenCache``.
 
     Its terms follow ``batch["global_counts"]`` when the training loop sets them
     (``global_counts = True``: exact across processes and accumulation steps)."""

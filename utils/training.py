@@ -38,6 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from utils import distributed
 from utils.forward import to_device, unwrap
+from utils.lean_mlp import lean_mlps
 from utils.losses import GLOBAL_COUNTS
 from utils.template import collate
 from utils.trackers import Trackers
@@ -86,6 +87,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimiser step
     mixed_precision: str = "no"  # "auto" (bf16 on CUDA where supported, else fp16; no on CPU), "no", "bf16", "fp16"
     gradient_checkpointing: bool = False  # activation checkpointing (CUDA only; ignored on CPU)
+    lean_mlp: bool = True  # SwiGLU MLPs save 2 tensors for the backward, not 3 (utils.lean_mlp; bit-identical)
     report_to: str = "none"  # experiment tracker (utils.trackers): "none", "tensorboard", "wandb"
     tracker_dir: str | None = None  # where the tracker writes (utils.trackers.default_tracker_dir)
     tracker_project: str | None = None  # wandb project (default "spul")
@@ -407,7 +409,8 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     trackers = Trackers(cfg) if own_trackers else trackers
     params = [p for p in params if p.requires_grad]
     try:
-        stats = _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers)
+        with lean_mlps(model, cfg.lean_mlp):
+            stats = _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers)
     except BaseException:
         trackers.close()
         raise
