@@ -80,17 +80,46 @@ DATA=(--dataset "$DATASET")
 DATA+=($CAPS)
 
 # stage NAME RUN_DIR CMD...: run CMD unless RUN_DIR already holds a finished run (its
-# metrics.json; RUN_DIR may instead name the .json file that marks the stage as finished)
+# metrics.json; RUN_DIR may instead name the .json file that marks the stage as finished).
+# ONE_PROCESS=1: the stage joins a plan instead, and the plan runs in one python process
+# (utils/stages.py: the libraries load once) before the report, or when the recipe ends.
+ONE_PROCESS=${ONE_PROCESS:-0}
+PLAN=""
 stage() {
   local name=$1 dir=$2; shift 2
   local done=$dir/metrics.json
   [[ $dir == *.json ]] && done=$dir
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$*"; return; fi
   if [ -f "$done" ]; then echo "[$name] reusing ${dir%/*.json}"; return; fi
+  if [ "$ONE_PROCESS" = 1 ]; then plan_stage "$name" "$dir" "$@"; return; fi
   echo "[$name] $(date +%H:%M:%S) $*"
   local t0=$SECONDS
   "$@" || { echo "error: stage '$name' failed (command above); later stages not run" >&2; exit 1; }
   echo "[$name] done in $((SECONDS - t0)) s"
+}
+
+plan_stage() {  # one record of the plan: NAME, RUN_DIR, CMD..., each followed by a NUL, then a newline
+  if [ -z "$PLAN" ]; then
+    PLAN=$(mktemp "${TMPDIR:-/tmp}/spul-plan.XXXXXX")
+    trap 'plan_exit $?' EXIT
+  fi
+  printf '%s\0' "$@" >> "$PLAN"
+  printf '\n' >> "$PLAN"
+}
+
+run_plan() {  # run the planned stages (ONE_PROCESS=1) and empty the plan; a no-op without one
+  [ -n "$PLAN" ] && [ -s "$PLAN" ] || return 0
+  local plan=$PLAN
+  $PY -m utils.stages "$plan" || { rm -f "$plan"; PLAN=""; exit 1; }
+  : > "$plan"
+}
+
+plan_exit() {  # EXIT trap: the stages left in the plan run if the recipe itself ended well
+  local status=$1
+  trap - EXIT
+  if [ "$status" = 0 ]; then run_plan; fi
+  rm -f "$PLAN"
+  exit "$status"
 }
 
 # The shared stages; each takes the seed as $1.
@@ -130,6 +159,7 @@ report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot
   local name=$1; shift
   local files=(--markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png" --mia_plot "$OUT/$name-mia.png")
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$PY -m utils.report $* ${files[*]}"; return; fi
+  run_plan
   $PY -m utils.report "$@" "${files[@]}"
   echo "plots: $OUT/$name.png $OUT/$name-mia.png"
 }

@@ -49,5 +49,6 @@ cmd=($PY -m utils.select --reference "$OUT/qlora-s$seed" --runs "${runs[@]}" --m
      --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT")
 if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
 mkdir -p "$(dirname "$SELECTED_OUT")"
+run_plan  # ONE_PROCESS=1: the planned runs, before the selection reads them
 "${cmd[@]}"
 echo "selection: $SEL_OUT/selected.json; flags for the recipes: $SELECTED_OUT"
