@@ -55,7 +55,7 @@ from utils import cli
 from utils.baselines import METHODS, NoReference, build_reference_store, make_loss_fn, method_weights
 from utils.data import encode_frame, prepare_splits, training_set
 from utils.evaluation import length_batches
-from utils.forward import PromptCache, full_logits_at_labels, gather_label_logits, label_logits, to_device, unwrap
+from utils.forward import PromptCache, backbone, full_logits_at_labels, gather_label_logits, label_logits, to_device, unwrap
 from utils.lean_mlp import lean_mlps
 from utils.models import (
     add_lora,
@@ -106,6 +106,7 @@ def build_parser():
     g = p.add_argument_group("machine")
     g.add_argument("--matmul_size", type=int, default=None, help="n of the n x n x n matmul that measures the peak (default 2048 on CPU, 8192 on CUDA)")
     g.add_argument("--levers", action="store_true", help="also measure the other levers (threads, inference_mode, length grouping, gradient checkpointing, bf16 on CPU, GQA in SDPA)")
+    g.add_argument("--compile_lever", action="store_true", help="also measure torch.compile on the SPUL step (each decoder layer compiled, dynamic shapes): the first step with its compile time, then compiled and eager steps in turn on the timed batches (compiling takes 20-70 s on a CPU)")
     g = p.add_argument_group("profile")
     g.add_argument("--profile", action="store_true",
                    help="instead of the benchmark: torch.profiler over one SPUL step (--batch_size), one GA+GD step "
@@ -898,6 +899,49 @@ def spul_step_lever(bench: Bench, trainer: Trainer, setup: Callable, teardown: C
             "saved_activation_bytes_max_step": max(saved.per_step)}
 
 
+def compile_lever(bench: Bench, trainer: Trainer) -> dict:
+    """torch.compile, regional: every decoder layer compiled (``Module.compile``, dynamic
+    shapes; identical layers share the compiled code). The compile time is counted with the
+    first compiled forward (no grad, for the loss) and step; then eager and compiled steps alternate on each timed batch, so that a drift
+    of the machine's speed hits both. The loss of the first batch under both, for the size of
+    the rounding change."""
+    layers = list(backbone(trainer.model).layers)
+    batches = [trainer.batch(idx, bench.device, bench.pad_id) for idx in bench.data.batches[bench.args.warmup_steps:]]
+    trainer.model.train()
+
+    def use(compiled):  # Module.compile keeps the compiled call in _compiled_call_impl; None: eager
+        for layer, impl in zip(layers, compiled):
+            layer._compiled_call_impl = impl
+
+    def loss_of(batch):
+        with torch.no_grad(), lean_mlps(trainer.model, trainer.lean):
+            return float(trainer.loss_fn(trainer.model, batch)[0])
+
+    eager_loss = loss_of(batches[0])
+    try:
+        t0 = time.perf_counter()
+        for layer in layers:
+            layer.compile(dynamic=True)
+        compiled_loss = loss_of(batches[0])  # the same prompt as eager_loss: no step has run yet
+        first, _ = timed(lambda: trainer.step(batches[0]), bench.device)
+        compiled, compile_seconds = [layer._compiled_call_impl for layer in layers], time.perf_counter() - t0
+        eager_times, compiled_times = [], []
+        for batch in batches:
+            use([None] * len(layers))
+            eager_times.append(timed(lambda: trainer.step(batch), bench.device)[0])
+            use(compiled)
+            compiled_times.append(timed(lambda: trainer.step(batch), bench.device)[0])
+    except Exception as e:  # noqa: BLE001 - a backend that cannot compile here is a result too
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    finally:
+        use([None] * len(layers))
+    eager, comp = statistics.median(eager_times), statistics.median(compiled_times)
+    return {"first_compiled_step_seconds": first, "compile_and_first_step_seconds": compile_seconds,
+            "eager_step_seconds_median": eager, "compiled_step_seconds_median": comp, "compiled_to_eager": comp / eager,
+            "pairs": len(batches), "loss_eager": eager_loss, "loss_compiled": compiled_loss,
+            "loss_relative_difference": abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-30)}
+
+
 def measure_levers(bench: Bench, trainers: dict[str, Trainer], split_feats: list[dict]) -> dict:
     args, device, out = bench.args, bench.device, {}
     cpu = device.type == "cpu"
@@ -1323,6 +1367,13 @@ def format_report(results: dict) -> str:
                      f"{rc['release_peak_ratio_to_one_model_copy']:.2f}x | |")
         lines += ["", f"release-style reference: model copy {SHOW['bytes'](rel['reference_copy_bytes'])}, logit cache of the training set "
                       f"{SHOW['bytes'](rel['reference_cache_bytes_training_set'])} ({rel['reference_cache_what']})", ""]
+    tc = results.get("levers", {}).get("torch_compile")
+    if tc and "error" not in tc:
+        lines += [f"torch.compile (decoder layers, dynamic): compile + first step {tc['compile_and_first_step_seconds']:.1f} s; "
+                  f"then {tc['compiled_step_seconds_median']:.3f} s against eager {tc['eager_step_seconds_median']:.3f} s "
+                  f"({tc['compiled_to_eager']:.3f}x, {tc['pairs']} pairs); loss changes by {tc['loss_relative_difference']:.1e} (relative)", ""]
+    elif tc:
+        lines += [f"torch.compile: {tc['error']}", ""]
     lines += ["| figure | achieved | target | met |", "|---|---|---|---|"]
     lines += [f"| {t['figure']} | {t['achieved_text']} ({t['numerator']} / {t['denominator']}) | {t['target']}{' (informational)' if t['informational'] else ''} | "
               f"{'met' if t['met'] else 'NOT met'} |" for t in results["targets"]]
@@ -1414,6 +1465,9 @@ def main(argv=None):
     if args.levers:
         print("levers", file=sys.stderr)
         bench.results["levers"] = measure_levers(bench, {t.name: t for t in trainers}, training_set(encoder, splits, args.seed))
+    if args.compile_lever:
+        print("torch.compile lever", file=sys.stderr)
+        bench.results.setdefault("levers", {})["torch_compile"] = compile_lever(bench, next(t for t in trainers if t.name == "SPUL"))
 
     results = {
         "setup": {

@@ -107,3 +107,21 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     printed = capsys.readouterr().out
     assert "| SPUL step time / release-style SPUL step time |" in printed and "| inference time with prompt / without |" in printed
     assert "| SPUL step time / GA+GD step time |" in printed and "SPUL against the release-style step" in printed
+
+
+def test_compile_lever_times_compiled_and_eager_steps(tiny_model_dir, tiny_data_args, tmp_path, capsys):
+    """--compile_lever on the tiny model: the compiled SPUL step runs, is timed against eager in
+    turn, changes the loss only by rounding, and leaves the model eager afterwards."""
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(["--model_name", tiny_model_dir, *tiny_data_args, "--batch_size", "4", "--quick",
+                              "--threads", "1", "--no_quantize", "--compile_lever", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    tc = results["levers"]["torch_compile"]
+    assert "error" not in tc, tc
+    assert tc["pairs"] == 1 and tc["compiled_step_seconds_median"] > 0 and tc["eager_step_seconds_median"] > 0
+    assert tc["compile_and_first_step_seconds"] >= tc["first_compiled_step_seconds"] > 0
+    assert tc["loss_relative_difference"] < 1e-4
+    assert "torch.compile (decoder layers, dynamic)" in capsys.readouterr().out
