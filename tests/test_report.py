@@ -47,6 +47,19 @@ def test_report_missing_metrics_is_one_line(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
+def test_report_makes_the_output_folders_and_refuses_a_folder_as_a_file(tmp_path, capsys):
+    run = fake_run(tmp_path / "x", 80.0)
+    md = tmp_path / "new" / "deeper" / "t.md"
+    assert main([run, "--markdown", str(md)]) == 0 and md.read_text().startswith("| method |")
+    capsys.readouterr()
+    assert main([run, "--csv", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--csv" in err and "is a folder" in err
+    (tmp_path / "file").write_text("")
+    assert main([run, "--plot", str(tmp_path / "file" / "t.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
+
+
 def test_point_labels_join_coinciding_runs_in_row_order():
     from utils.report import point_labels
 

@@ -264,6 +264,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         p.error("--names: give one name per run folder")
+    for flag in ("markdown", "csv", "plot", "mia_plot"):  # output folders made (or refused) before any work
+        out = getattr(args, flag)
+        if out is None:
+            continue
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --{flag} {out}: cannot create its folder ({e.strerror})", file=sys.stderr)
+            return 2
+        if Path(out).is_dir():
+            print(f"error: --{flag} {out}: is a folder; give a file name", file=sys.stderr)
+            return 2
     try:
         rows = collect(args.runs, args.names)
         add_audit(rows)
