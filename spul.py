@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils import cli, distributed
-from utils.augment import counterfactual_retain, forgotten_names
+from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_names
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
@@ -44,7 +44,8 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
-    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
+    g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
+    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain and --forget_swaps (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
     g.add_argument("--cache_reference", action="store_true", default=True, help="(default) keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward. Turned off, with a note, when the frozen model has active dropout (its reference is then not a fixed function of the input)")
     g.add_argument("--no_cache_reference", dest="cache_reference", action="store_false", help="compute the reference on the fly at every step (the release's KL without its stored logits)")
@@ -61,6 +62,7 @@ def check_args(args) -> None:
         "alpha": (args.alpha >= 0, "must be >= 0"),
         "beta": (args.beta >= 0, "must be >= 0"),
         "counterfactual_retain": (0 <= args.counterfactual_retain <= 1, "the share of forget texts must be in [0, 1]"),
+        "forget_swaps": (args.forget_swaps >= 0, "must be >= 0"),
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
         "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),
@@ -68,8 +70,8 @@ def check_args(args) -> None:
     for name, (ok, why) in checks.items():
         if not ok:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
-    if args.forget_names and not args.counterfactual_retain:
-        raise cli.UsageError("--forget_names: only used with --counterfactual_retain")
+    if args.forget_names and not (args.counterfactual_retain or args.forget_swaps):
+        raise cli.UsageError("--forget_names: only used with --counterfactual_retain or --forget_swaps")
     # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
     args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force)
 
@@ -96,7 +98,9 @@ def main(argv=None):
     seed_everything(args.seed)
     data = cli.data_config(args)
     splits = prepare_splits(data)
-    extra = counterfactual_retain(splits["train_forget"], forgotten_names(args.forget_names, data), args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
+    names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
+    extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
+    swaps = forget_name_swaps(splits["train_forget"], names, args.seed, args.forget_swaps) if args.forget_swaps else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -112,7 +116,7 @@ def main(argv=None):
     if distributed.is_main():
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
-    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra)
+    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps)
     cache_reference = args.cache_reference and not has_dropout(source.model)
     if args.cache_reference and not cache_reference and distributed.is_main():
         print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")

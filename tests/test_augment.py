@@ -1,5 +1,6 @@
 """utils/augment.py: counterfactual retain samples (forget texts with their forgotten names
-swapped), where the names come from, and spul.py --counterfactual_retain end to end."""
+swapped), forget-side name swaps, where the names come from, and spul.py --counterfactual_retain
+and --forget_swaps end to end."""
 import json
 
 import pandas as pd
@@ -8,7 +9,7 @@ import pytest
 import spul
 from utils.cli import data_config
 from tests.conftest import write_splits
-from utils.augment import AugmentError, counterfactual_retain, forgotten_names, names_from_split
+from utils.augment import AugmentError, counterfactual_retain, forget_name_swaps, forgotten_names, names_from_split
 from utils.data import training_set
 from utils.splits import name_pattern
 from tests.tiny import tiny_tokenizer
@@ -145,3 +146,66 @@ def test_share_flag_parses_and_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         spul.main(["--counterfactual_retain", "2", "--output_path", str(tmp_path / "o")])
     assert e.value.code == 2 and "--counterfactual_retain 2" in capsys.readouterr().err
+
+
+THREE = ["Woody Allen", "Spielberg", "Godard"]
+
+
+def test_forget_swaps_use_another_forgotten_name_in_full():
+    out = forget_name_swaps(FORGET, THREE, seed=0, copies=2)
+    assert len(out) == 4  # two copies of the two rows that name someone; "Nobody named." dropped
+    assert list(out["label"]) == [1, 0, 1, 0] and list(out["label_text"]) == ["positive", "negative"] * 2
+    pattern = name_pattern(THREE)
+    for text in out["text"]:
+        assert pattern.search(text)  # every copy is still a forget text
+    # row 0 names Woody Allen: its copies name Spielberg or Godard in full, never Woody Allen
+    for text in out["text"][::2]:
+        assert text in ("Spielberg is at his best here.", "Godard is at his best here.")
+    # row 1 names Spielberg twice (two spellings): both become the same other name
+    for text in out["text"][1::2]:
+        assert text in ("A dull Woody Allen film; Woody Allen's worst.", "A dull Godard film; Godard's worst.")
+
+
+def test_forget_swaps_seeded_and_checked():
+    many = pd.concat([FORGET.iloc[:2]] * 20, ignore_index=True)
+    a = forget_name_swaps(many, THREE, seed=1, copies=1)
+    assert a.equals(forget_name_swaps(many, THREE, seed=1, copies=1))
+    assert not a.equals(forget_name_swaps(many, THREE, seed=2, copies=1))
+    with pytest.raises(AugmentError, match="--forget_swaps 0"):
+        forget_name_swaps(many, THREE, seed=1, copies=0)
+    with pytest.raises(AugmentError, match="two forgotten names"):
+        forget_name_swaps(many, ["Spielberg"], seed=1, copies=1)
+    with pytest.raises(AugmentError, match="--forget_swaps"):
+        forget_name_swaps(FORGET.iloc[2:], THREE, seed=1, copies=1)
+
+
+def test_training_set_puts_swapped_rows_on_the_forget_side_without_moving_the_forget_draw():
+    encoder = Encoder(tiny_tokenizer(), 64)
+    many = pd.concat([FORGET.iloc[:2]] * 6, ignore_index=True)
+    many["label_text"] = ["positive" if l else "negative" for l in many["label"]]
+    splits = {"train_retain": FORGET.iloc[2:], "train_forget": many}
+    swaps = forget_name_swaps(many, THREE, seed=0, copies=1)
+    plain = training_set(encoder, splits, seed=5, relabel_forget=True)
+    feats = training_set(encoder, splits, seed=5, relabel_forget=True, extra_forget=swaps)
+    assert len(feats) == len(plain) + len(swaps)
+    assert feats[: len(plain)] == plain  # train_forget keeps the generic labels it had without swaps
+    generic = {tuple(encoder.encode(swaps["text"][0], g)[1]) for g in encoder.task.generic_labels}
+    for f, text in zip(feats[len(plain):], swaps["text"]):
+        assert f["is_forget"]
+        assert tuple(f["label_ids"]) in {tuple(encoder.encode(text, g)[1]) for g in encoder.task.generic_labels}
+    assert len(generic) == 2
+
+
+def test_spul_cli_trains_on_swapped_forget_rows(tmp_path, tiny_model_dir):
+    folder = write_splits(tmp_path / "d", train_forget=forget_frame())
+    args = ["--model_name", tiny_model_dir, "--data_dir", str(folder), "--max_length", "64", "--num_epochs", "1",
+            "--train_batch_size", "8", "--ptuning_num_tokens", "2", "--ptuning_hidden_size", "8",
+            "--eval_batch_size", "8", "--forget_swaps", "2", "--forget_names", *THREE, "--output_path", str(tmp_path / "sw")]
+    spul.main(args)
+    stats = json.loads((tmp_path / "sw" / "train_stats.json").read_text())
+    config = json.loads((tmp_path / "sw" / "config.json").read_text())
+    assert config["forget_swaps"] == 2
+    # 7 retain + 11 forget + 2 x 11 swapped forget = 40 samples: 5 steps of 8; only the 7 retain
+    # rows reach the reference cache
+    assert stats["steps"] == 5
+    assert stats["kl_reference"]["reference_cache_misses"] == 7

@@ -8,6 +8,14 @@ from ``SWAP_POOL`` (drawn with the run's seed), keeping the text's true sentimen
 the retain side of the loss (L_r and L_kl), so the prompt is trained to answer it normally: the
 same sentence with another name is not to be forgotten.
 
+``forget_name_swaps`` (``spul.py --forget_swaps K``) is the forget-side twin: each forget text
+is copied K times with every forgotten name replaced by *another forgotten* name (seeded), and the
+copies join the forget side of the loss (L_f, generic labels). A person named in two training
+reviews is then seen in 2(K+1) contexts, and each context with several people, so the prompt is
+pushed to key on the names rather than on the wording of the few reviews that name them. With
+the counterfactual copies, the same sentence is to be forgotten with a forgotten name and answered
+with a made-up one.
+
 The forgotten names come from ``--forget_names`` or from the manifest of a split folder built by
 the ``entities`` recipe (the embedded ``rt`` dataset is one).
 """
@@ -84,6 +92,33 @@ def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, poo
         keep = np.sort(rng.choice(len(out), max(1, round(share * len(out))), replace=False))
         out = out.iloc[keep]
     return out.reset_index(drop=True)
+
+
+def forget_name_swaps(forget: pd.DataFrame, names: list[str], seed: int, copies: int) -> pd.DataFrame:
+    """``copies`` rows per forget text that names someone in ``names``: the text with each
+    forgotten name replaced by the full form of another forgotten name (seeded; one
+    replacement per text, never the name it first matched), so every copy is still a forget text. Labels are kept (the caller relabels forget rows with generic labels).
+    Needs at least two forgotten names."""
+    if copies < 1:
+        raise AugmentError(f"--forget_swaps {copies}: must be at least 1")
+    if len(set(names)) < 2:
+        raise AugmentError("--forget_swaps: needs at least two forgotten names to swap between")
+    pattern = name_pattern(names)
+    rng = np.random.default_rng([seed, 130363])  # own stream, independent of other draws
+    rows = forget[forget["text"].map(lambda t: pattern.search(t) is not None)]
+    if rows.empty:
+        raise AugmentError("--forget_swaps: no train_forget text names any of the forgotten names")
+    texts, labels = [], []
+    for _ in range(copies):
+        for text, label in zip(rows["text"], rows["label"]):
+            first = pattern.search(text).group(0)
+            pool = [n for n in names if " ".join(n.lower().split()) != " ".join(first.lower().split())]
+            new = pool[rng.integers(len(pool))]  # the full name: a surname alone may not be a forgotten name
+            texts.append(pattern.sub(lambda m, new=new: new, text))
+            labels.append(label)
+    out = pd.DataFrame({"text": texts, "label": labels})
+    out["label_text"] = [dict(zip(rows["label"], rows["label_text"]))[l] for l in labels]
+    return out
 
 
 def forgotten_names(forget_names, data) -> list[str]:
