@@ -66,6 +66,7 @@ def test_spul_writes_complete_run_folder(runs):
     assert m["base_weights_sha256"] == qm["base_weights_sha256"] and m["base_model"] == qm["base_model"]
     assert m["prompt"]["num_virtual_tokens"] == 4 and m["prompt"]["encoder_hidden_size"] == 16
     assert len(m["tokenizer"]["sha256"]) == 64 and m["template"] and m["versions"]["peft"]
+    assert m["versions"]["cpu"] and m["versions"]["torch_cpu_capability"]  # float results depend on the CPU too
     assert m["forget_size"] == 1.0 and m["seed"] == 42 and m["splits"]["train_forget"]["rows"] == 12
     assert sum(m["generic_label_counts"].values()) == 12
     assert (m["alpha"], m["beta"]) == (1.0, 0.5)

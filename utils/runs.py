@@ -63,10 +63,26 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def library_versions() -> dict:
+    """Library versions and the machine: float results depend on the CPU's kernels (torch's
+    vector ISA level) as they do on the thread count, so a run records both."""
     import importlib.metadata as md
 
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    import torch
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_name(),
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
         try:
             out[pkg] = md.version(pkg)
