@@ -95,10 +95,10 @@ def counterfactual_retain(forget: pd.DataFrame, names: list[str], seed: int, poo
 
 
 def forget_name_swaps(forget: pd.DataFrame, names: list[str], seed: int, copies: int) -> pd.DataFrame:
-    """``copies`` rows per forget text that names someone in ``names``: the text with each
-    forgotten name replaced by the full form of another forgotten name (seeded; one
-    replacement per text, never the name it first matched), so every copy is still a forget text. Labels are kept (the caller relabels forget rows with generic labels).
-    Needs at least two forgotten names."""
+    """``copies`` rows per forget text that names someone in ``names``, each with every forgotten
+    name replaced by the full form of one other forgotten name (seeded; never the name the text
+    first matches), so that every copy is still a forget text. Labels are kept: the caller
+    relabels forget rows with generic labels. Needs at least two forgotten names."""
     if copies < 1:
         raise AugmentError(f"--forget_swaps {copies}: must be at least 1")
     if len(set(names)) < 2:
@@ -108,17 +108,16 @@ def forget_name_swaps(forget: pd.DataFrame, names: list[str], seed: int, copies:
     rows = forget[forget["text"].map(lambda t: pattern.search(t) is not None)]
     if rows.empty:
         raise AugmentError("--forget_swaps: no train_forget text names any of the forgotten names")
-    texts, labels = [], []
-    for _ in range(copies):
-        for text, label in zip(rows["text"], rows["label"]):
-            first = pattern.search(text).group(0)
-            pool = [n for n in names if " ".join(n.lower().split()) != " ".join(first.lower().split())]
-            new = pool[rng.integers(len(pool))]  # the full name: a surname alone may not be a forgotten name
-            texts.append(pattern.sub(lambda m, new=new: new, text))
-            labels.append(label)
-    out = pd.DataFrame({"text": texts, "label": labels})
-    out["label_text"] = [dict(zip(rows["label"], rows["label_text"]))[l] for l in labels]
-    return out
+    key = lambda name: " ".join(name.lower().split())  # noqa: E731  (match text vs name)
+    out = pd.concat([rows] * copies, ignore_index=True)
+    swapped = []
+    for text in out["text"]:
+        first = key(pattern.search(text).group(0))
+        pool = [n for n in names if key(n) != first]
+        new = pool[rng.integers(len(pool))]  # in full: a surname alone may not be a forgotten name
+        swapped.append(pattern.sub(lambda m, new=new: new, text))
+    out["text"] = swapped
+    return out[["text", "label", "label_text"]]
 
 
 def forgotten_names(forget_names, data) -> list[str]:
