@@ -97,3 +97,27 @@ def test_refusals_are_one_line_and_write_nothing(entity_run, tmp_path, capsys, e
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"error: {flag}") and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_with_prefix_puts_the_ids_in_front_and_moves_the_label_position():
+    from utils.template import collate
+
+    feats = [{"input_ids": [5, 6, 7], "label_ids": [7], "label": 1}, {"input_ids": [8, 9], "label_ids": [9], "label": 0}]
+    out = readout.with_prefix(feats, [1, 2])
+    assert [f["input_ids"] for f in out] == [[1, 2, 5, 6, 7], [1, 2, 8, 9]]
+    assert feats[0]["input_ids"] == [5, 6, 7]  # the input is not modified
+    assert collate(out, 0)["label_pos"][:, 0].tolist() == [3, 2]  # the token before each label, 2 later
+
+
+def test_instruction_prefix_end_to_end(entity_run, tiny_model_dir, tmp_path):
+    from utils.guardrails import instruction_text, prefix_ids
+    from utils.models import load_tokenizer
+    from utils.task import SENTIMENT
+
+    run, data = entity_run
+    readout.main([str(run), *data, "--prefix", "instruction", "--output_path", str(tmp_path / "r")])
+    saved = json.loads((tmp_path / "r" / "readout.json").read_text())
+    expected = prefix_ids(load_tokenizer(tiny_model_dir, set_pad_id=True), instruction_text(PEOPLE, SENTIMENT))
+    assert saved["prefix"] == "instruction" and saved["prefix_tokens"] == len(expected) > 20
+    # layer 0 still reads one and the same token at the label position
+    assert saved["auc"]["forget_vs_swapped"]["label"][0] == 0.5

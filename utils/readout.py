@@ -17,6 +17,10 @@ each at the label-predicting position (``label``) and, for ``forget_vs_swapped``
 all text positions (``pooled``: what the sequence holds anywhere). The score is the probe's ROC
 AUC on validation; 0.5 is chance.
 
+``--prefix instruction`` puts the instruction_prompt guardrail's text (``utils.guardrails``: it
+names the forgotten people) before every example, as that baseline does: does a prefix that
+spells out the names make "names a forgotten person" readable at the label position?
+
     python -m utils.readout runs/main/qlora-s42 --dataset rt <the run's data flags> --output_path runs/readout-s42
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from utils import cli
 from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import VAL_SPLITS, encode_frame, prepare_splits
 from utils.forward import to_device
+from utils.guardrails import GuardrailOptions, instruction_guardrail, prefix_ids
 from utils.kinds import load_checked
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, write_json
@@ -72,6 +77,15 @@ def hidden_states(model, features: list[dict], pad_id: int, batch_size: int, dev
     return np.concatenate(at_label), np.concatenate(pooled)
 
 
+def with_prefix(features: list[dict], ids: list[int]) -> list[dict]:
+    """The features with the token ids ``ids`` in front (``collate`` finds the label positions
+    from the lengths, so they move with the text)."""
+    return [{**f, "input_ids": list(ids) + list(f["input_ids"])} for f in features]
+
+
+PREFIXES = ("none", "instruction")  # --prefix choices
+
+
 def readout(states: dict, c: float = 0.1) -> dict:
     """``states[side][set] = (at_label, pooled)`` for side in train/val and set in
     retain/forget/swapped. Returns {contrast: {"label": [AUC per layer], "pooled": [...]}}."""
@@ -94,6 +108,7 @@ def build_parser():
     cli.add_data_args(p)
     p.set_defaults(eval_splits=["train_retain", "train_forget", *VAL_SPLITS])  # test is never read
     p.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names (default: those the split folder's manifest records, e.g. the embedded rt)")
+    p.add_argument("--prefix", default="none", choices=PREFIXES, help="none: the examples alone; instruction: the instruction_prompt baseline's text (naming the forgotten people) before each example")
     p.add_argument("--probe_c", type=float, default=0.1, help="inverse L2 strength of the logistic-regression probes")
     p.add_argument("--eval_batch_size", type=int, default=16, help="examples per forward")
     p.add_argument("--force", action="store_true", help="load a run whose recorded hashes do not match its files")
@@ -133,12 +148,17 @@ def main(argv=None):
     model = source.model.eval()
     encoder = Encoder(source.tokenizer, args.max_length, task=data.task)
     pad = source.tokenizer.pad_token_id
-    states = {side: {k: hidden_states(model, encode_frame(encoder, df, False), pad, args.eval_batch_size, device)
+    front = []
+    if args.prefix == "instruction":
+        guard = instruction_guardrail(GuardrailOptions(forget_names=args.forget_names, data=data), splits, data.task)
+        front = prefix_ids(source.tokenizer, guard.text)
+    states = {side: {k: hidden_states(model, with_prefix(encode_frame(encoder, df, False), front), pad, args.eval_batch_size, device)
                      for k, df in sets.items()} for side, sets in frames.items()}
     result = readout(states, args.probe_c)
     sizes = {side: {k: len(df) for k, df in sets.items()} for side, sets in frames.items()}
     with atomic_run_dir(args.output_path, args.overwrite) as tmp:
         write_json(tmp / "readout.json", {"run": str(args.run), "sizes": sizes, "probe_c": args.probe_c,
+                                          "prefix": args.prefix, "prefix_tokens": len(front),
                                           "seed": args.seed, "threads": args.threads, "auc": result})
     print(markdown(result))
     print(f"output: {args.output_path}", file=sys.stderr)
