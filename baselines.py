@@ -23,7 +23,6 @@ from utils.baselines import (
     method_weights,
     methods_help,
     nonfinite_parameters,
-    save_prefix,
     save_unlearned,
     select_features,
 )
@@ -31,7 +30,7 @@ from utils.kinds import load_run
 from utils.loading import load_pretrained
 from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
-from utils.guardrails import prefix_embeddings
+from utils.guardrails import prefix_embeddings, save_prefix
 from utils.models import add_lora, lora_config, lora_target_modules, select_device, set_pad_token_id
 from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
 from utils.template import Encoder
@@ -184,7 +183,7 @@ def run_training_free(args, data, method, out: Path, qlora_manifest, splits) -> 
         qlora_run = Path(args.model_checkpoints).resolve() if args.model_checkpoints else None
         with atomic_run_dir(out, args.overwrite) as tmp:
             loaded.tokenizer.save_pretrained(tmp / "tokenizer")
-            saved = save_prefix(tmp, loaded.tokenizer, guard.text)
+            saved = {"weights": None, **save_prefix(tmp, loaded.tokenizer, guard.text)}
             manifest = run_manifest(
                 "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
                 threads=args.threads,

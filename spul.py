@@ -18,7 +18,8 @@ from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_na
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
-from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters
+from utils.guardrails import GuardrailOptions, instruction_guardrail, prefix_embeddings, save_prefix
+from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters, with_hard_prefix
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective, has_dropout
 from utils.kinds import load_checked
@@ -27,6 +28,17 @@ from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_ma
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
+
+
+HARD_PREFIXES = ("none", "instruction")  # --hard_prefix choices
+
+
+def hard_prefix_text(args, data, splits) -> str | None:
+    """``--hard_prefix instruction``: the instruction_prompt baseline's text (its names from
+    ``--forget_names`` or the split folder; one line when there are none), else None."""
+    if args.hard_prefix == "none":
+        return None
+    return instruction_guardrail(GuardrailOptions(forget_names=args.forget_names, data=data), splits, data.task).text
 
 
 def build_parser():
@@ -45,7 +57,8 @@ def build_parser():
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
-    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain and --forget_swaps (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
+    g.add_argument("--hard_prefix", default="none", choices=HARD_PREFIXES, help="none (default, the paper): the soft prompt alone; instruction: the instruction_prompt baseline's text, which names the forgotten people, as fixed tokens before the soft prompt (ours: the names in front make \"names a forgotten person\" readable at the label position, see the README)")
+    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain, --forget_swaps and --hard_prefix instruction (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
     g.add_argument("--cache_reference", action="store_true", default=True, help="(default) keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward. Turned off, with a note, when the frozen model has active dropout (its reference is then not a fixed function of the input)")
     g.add_argument("--no_cache_reference", dest="cache_reference", action="store_false", help="compute the reference on the fly at every step (the release's KL without its stored logits)")
@@ -70,8 +83,8 @@ def check_args(args) -> None:
     for name, (ok, why) in checks.items():
         if not ok:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
-    if args.forget_names and not (args.counterfactual_retain or args.forget_swaps):
-        raise cli.UsageError("--forget_names: only used with --counterfactual_retain or --forget_swaps")
+    if args.forget_names and not (args.counterfactual_retain or args.forget_swaps or args.hard_prefix != "none"):
+        raise cli.UsageError("--forget_names: only used with --counterfactual_retain, --forget_swaps or --hard_prefix")
     # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
     args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force)
 
@@ -101,6 +114,7 @@ def main(argv=None):
     names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
     extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     swaps = forget_name_swaps(splits["train_forget"], names, args.seed, args.forget_swaps) if args.forget_swaps else None
+    prefix_text = hard_prefix_text(args, data, splits)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -120,7 +134,9 @@ def main(argv=None):
     cache_reference = args.cache_reference and not has_dropout(source.model)
     if args.cache_reference and not cache_reference and distributed.is_main():
         print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=cache_reference)
+    fixed = prefix_embeddings(model, tokenizer, prefix_text) if prefix_text else None
+    prompt_fn = with_hard_prefix(prompt_embeddings, fixed)  # the soft prompt, after the hard prefix if any
+    objective = SpulObjective(prompt_fn, args.alpha, args.beta, reference_cache=cache_reference)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
     try:
@@ -129,17 +145,18 @@ def main(argv=None):
         print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
     with torch.no_grad():
-        prompt = prompt_embeddings(model).detach()
+        prompt = prompt_fn(model).detach()
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
     tracking.finish(evaluation.metrics, stats.steps)
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
             save_prompt(model, tmp)
+            hard = {"kind": args.hard_prefix, **save_prefix(tmp, tokenizer, prefix_text)} if prefix_text else None
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = spul_manifest(data, splits, source, tmp, model, tokenizer, model_checkpoints=args.model_checkpoints,
                                      model_name=args.model_name, seed=args.seed, threads=args.threads, alpha=args.alpha,
-                                     beta=args.beta, resume_from=args.resume_from, forced=forced)
+                                     beta=args.beta, resume_from=args.resume_from, forced=forced, hard_prefix=hard)
             manifest["prompt"]["row_norm"] = row_norm
             save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)

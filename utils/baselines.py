@@ -53,7 +53,6 @@ from utils.loading import Loaded, LoadSource, load_merged, load_source_or_base
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean, sequence_logprob
 from utils.models import load_model, load_tokenizer, set_pad_token_id, weights_hash
 from utils.runs import RunError
-from utils.splits import sha256_file
 from utils.template import IGNORE, collate
 
 # ---------------------------------------------------------------------------------------------
@@ -502,29 +501,11 @@ def save_unlearned(tmp: Path, model, lora: bool, qlora_run: Path | None) -> dict
     return out
 
 
-PREFIX_FILE = "prefix.txt"
-
-
-def save_prefix(tmp: Path, tokenizer, text: str) -> dict:
-    """A training-free run's prefix (``prefix.txt``, UTF-8, verbatim) and its hashes (text and
-    token ids) for the manifest; no weights are saved."""
-    ids = guardrails.prefix_ids(tokenizer, text)
-    (tmp / PREFIX_FILE).write_bytes(text.encode("utf-8"))
-    return {"weights": None, "prefix": PREFIX_FILE, "prefix_sha256": sha256_file(tmp / PREFIX_FILE),
-            "prefix_tokens": len(ids), "prefix_ids_sha256": guardrails.ids_sha256(ids)}
-
-
 def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device, load_source: LoadSource) -> Loaded:
     """The model the run started from (its QLoRA run merged, or the pre-trained model) with the
     run's prefix as prompt embeddings (``Loaded.prompt``; ``inference_spul.py --no_prompt``
     drops it)."""
-    saved = manifest["saved"]
-    path = run_dir / saved["prefix"]
-    if not path.is_file() or sha256_file(path) != saved["prefix_sha256"]:
-        raise RunError(f"--model_checkpoints {run_dir}: {saved['prefix']} is missing or does not match the manifest hash")
-    text = path.read_bytes().decode("utf-8")
-    if guardrails.ids_sha256(guardrails.prefix_ids(tokenizer, text)) != saved["prefix_ids_sha256"]:
-        raise RunError(f"--model_checkpoints {run_dir}: its tokenizer no longer gives the prefix's recorded token ids")
+    text = guardrails.read_prefix(run_dir, manifest["saved"], tokenizer)
     source = load_source_or_base(manifest, device, load_source)
     set_pad_token_id(source.model, tokenizer.pad_token_id)
     prompt = guardrails.prefix_embeddings(source.model, tokenizer, text)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,8 @@ from utils.augment import AugmentError, forgotten_names, subjects_from_split
 from utils.data import DataConfig, locate
 from utils.cli import UsageError
 from utils.forward import unwrap
-from utils.splits import clean_names
+from utils.runs import RunError
+from utils.splits import clean_names, sha256_file
 from utils.task import Task
 
 # The instruction_prompt prefix is the task's (``Task.instruction``): {names} is the
@@ -164,3 +166,32 @@ def prefix_embeddings(model, tokenizer, text: str) -> torch.Tensor:
     table = unwrap(model).get_input_embeddings()
     ids = torch.tensor(prefix_ids(tokenizer, text), dtype=torch.long, device=table.weight.device)
     return table(ids).detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# A prefix in a run folder (training-free baselines; SPUL's --hard_prefix)
+# ---------------------------------------------------------------------------------------------
+
+PREFIX_FILE = "prefix.txt"
+
+
+def save_prefix(folder, tokenizer, text: str) -> dict:
+    """Write ``prefix.txt`` (UTF-8, verbatim) into ``folder``; returns its hashes (text and token
+    ids) and length for the manifest."""
+    ids = prefix_ids(tokenizer, text)
+    path = Path(folder) / PREFIX_FILE
+    path.write_bytes(text.encode("utf-8"))
+    return {"prefix": PREFIX_FILE, "prefix_sha256": sha256_file(path), "prefix_tokens": len(ids),
+            "prefix_ids_sha256": ids_sha256(ids)}
+
+
+def read_prefix(run_dir, record: dict, tokenizer) -> str:
+    """The prefix text a run folder saved with ``save_prefix`` (``record`` is what that returned),
+    checked against its hashes: the file's and the token ids the tokenizer gives now."""
+    path = Path(run_dir) / record["prefix"]
+    if not path.is_file() or sha256_file(path) != record["prefix_sha256"]:
+        raise RunError(f"--model_checkpoints {run_dir}: {record['prefix']} is missing or does not match the manifest hash")
+    text = path.read_bytes().decode("utf-8")
+    if ids_sha256(prefix_ids(tokenizer, text)) != record["prefix_ids_sha256"]:
+        raise RunError(f"--model_checkpoints {run_dir}: its tokenizer no longer gives the prefix's recorded token ids")
+    return text

@@ -83,6 +83,20 @@ def prompt_embeddings(peft_model) -> torch.Tensor:
     return peft_model.get_prompt(batch_size=1)[0]
 
 
+def with_hard_prefix(prompt_fn, fixed: torch.Tensor | None):
+    """``prompt_fn`` (model -> (p, d) soft prompt) preceded by the fixed (q, d) embeddings of a
+    hard-text prefix (``spul.py --hard_prefix``): model -> (q + p, d), the prefix first, so that
+    the soft tokens attend to it. ``fixed`` None: ``prompt_fn`` itself."""
+    if fixed is None:
+        return prompt_fn
+
+    def prefixed(model):
+        soft = prompt_fn(model)
+        return torch.cat([fixed.to(soft.device, soft.dtype), soft], dim=0)
+
+    return prefixed
+
+
 def save_prompt(peft_model, folder: Path) -> None:
     """Write ``prompt/`` (PEFT adapter) and ``prompt_encoder.safetensors`` into ``folder``."""
     from safetensors.torch import save_file

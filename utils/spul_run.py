@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from utils import guardrails
 from utils.binding import BindingMismatch, tokenizer_fingerprint
 from utils.cli import UsageError
 from utils.loading import Loaded, LoadSource, load_source_or_base
@@ -22,7 +25,7 @@ TOKENIZER_DIR = "tokenizer"
 # what a SPUL manifest adds to utils.runs.run_manifest's
 MANIFEST_FIELDS = ("source_kind", "qlora_run", "qlora_adapter_sha256", "qlora_splits", "tokenizer", "prompt",
                    "prompt_sha256", "prompt_encoder_sha256", "alpha", "beta", "generic_label_counts", "resumed_from",
-                   "forced_mismatches")
+                   "forced_mismatches", "hard_prefix")
 
 
 def check_sources(model_checkpoints: str | None, model_name: str | None, resume_from: str | None, force: bool) -> str:
@@ -66,10 +69,11 @@ def source_binding(model_checkpoints: str | None, source) -> dict:
 
 def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, model_checkpoints: str | None,
                   model_name: str, seed: int, threads: int | None, alpha: float, beta: float,
-                  resume_from: str | None, forced: list) -> dict:
+                  resume_from: str | None, forced: list, hard_prefix: dict | None = None) -> dict:
     """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
     the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
-    drew each generic label, and any mismatch accepted with --force."""
+    drew each generic label, any mismatch accepted with --force, and the hard-text prefix
+    (``--hard_prefix``: its kind and ``utils.guardrails.save_prefix``'s record) or None."""
     return run_manifest(
         "spul", data, splits, model_name=model_name, model_path=source.model_path, seed=seed, threads=threads,
         **source_binding(model_checkpoints, source),
@@ -82,6 +86,7 @@ def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, 
         generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed)).items())),
         resumed_from=str(Path(resume_from).resolve()) if resume_from else None,
         forced_mismatches=forced,
+        hard_prefix=hard_prefix,
     )
 
 
@@ -96,8 +101,13 @@ def resume_encoder(peft_model, resume_from: str) -> None:
 
 def load_spul(run_dir: Path, manifest: dict, device, load_source: LoadSource) -> Loaded:
     """The ``"spul"`` loader: rebuild the frozen model the manifest names (QLoRA run merged into
-    its base, or the pre-trained base) and attach the saved PEFT prompt."""
+    its base, or the pre-trained base) and attach the saved PEFT prompt, after the run's
+    hard-text prefix if it has one (checked against its recorded hashes)."""
+    tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_DIR)
+    hard = manifest.get("hard_prefix")
+    text = guardrails.read_prefix(run_dir, hard, tokenizer) if hard else None
     source = load_source_or_base(manifest, device, load_source)
     peft_model, prompt = load_prompt(source.model, run_dir)
-    tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_DIR)
+    if text is not None:
+        prompt = torch.cat([guardrails.prefix_embeddings(peft_model, tokenizer, text).to(prompt.dtype), prompt], dim=0)
     return Loaded(peft_model, tokenizer, manifest, source.model_path, prompt=prompt)
