@@ -98,3 +98,12 @@ def test_best_pools_methods_and_follows_eval_folders_to_their_run(tmp_path, caps
     assert capsys.readouterr().out.strip() == str(gd)
     assert select.main(["--reference", str(ref), "--runs", str(ga), str(npo_run), str(gd), "--best"]) == 0
     assert capsys.readouterr().out.strip() == str(gd)
+
+
+def test_hard_prefix_is_carried_when_given_and_dropped_at_its_default(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    plain = run(tmp_path / "p", "spul", 78.0, 60.0, 60.0, lr=3e-3, hard_prefix="none")
+    prefixed = run(tmp_path / "h", "spul", 78.0, 40.0, 40.0, lr=3e-3, hard_prefix="instruction")
+    out = select.select_all(ref, [plain, prefixed])
+    assert out["grid"]["spul"][0]["flags"] == {"lr": 3e-3}
+    assert "SEL_SPUL='--lr 0.003 --hard_prefix instruction'" in select.env_lines(out)
