@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh", "spul_long.sh"]
+RECIPES = ["table2.sh", "table3.sh", "table4.sh", "table5.sh", "fig2.sh", "spul_long.sh", "spul_prefix.sh"]
 ENTRY = {"inference_spul.py": "inference_spul", "qlora.py": "qlora", "spul.py": "spul",
          "baselines.py": "baselines", "utils.report": "utils.report", "utils.select": "utils.select",
          "utils.relearn": "utils.relearn", "utils.probes": "utils.probes"}
@@ -81,6 +81,17 @@ def test_spul_long_reuses_the_main_job():
     assert s.counterfactual_retain == 0.25
     flagged = [parse(c) for c in dry_run("spul_long.sh", LONG_FLAGS="--counterfactual_retain 0.5")]
     assert next(a for t, a in flagged if t == "spul.py").counterfactual_retain == 0.5
+
+
+def test_spul_prefix_is_the_selected_recipe_with_the_names_in_front_and_16_epochs():
+    parsed = [parse(c) for c in dry_run("spul_prefix.sh", PROFILE="", OUT="", SEEDS="42 1 2")]
+    spuls = [a for t, a in parsed if t == "spul.py"]
+    assert [a.seed for a in spuls] == [42, 1, 2]
+    s = spuls[0]
+    assert s.model_checkpoints == "runs/main/qlora-s42" and s.output_path == "runs/main/spul-prefix-s42"
+    assert (s.hard_prefix, s.num_epochs, s.lr, s.alpha, s.beta) == ("instruction", 16, 3e-3, 1.0, 2.0)
+    assert (s.stratify_batches, s.counterfactual_retain, s.train_batch_size, s.ptuning_num_tokens) == (True, 0.5, 8, 30)
+    assert parsed[-1][0] == "utils.report"
 
 
 def test_sweeps_cover_the_paper_grids():
