@@ -18,7 +18,7 @@ from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_na
 from utils.data import prepare_splits, training_set
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
-from utils.guardrails import GuardrailOptions, instruction_guardrail, prefix_embeddings, save_prefix
+from utils.guardrails import HARD_PREFIXES, hard_prefix_text, prefix_embeddings, save_prefix
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters, with_hard_prefix
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective, has_dropout
@@ -28,17 +28,6 @@ from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_ma
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
-
-
-HARD_PREFIXES = ("none", "instruction")  # --hard_prefix choices
-
-
-def hard_prefix_text(args, data, splits) -> str | None:
-    """``--hard_prefix instruction``: the instruction_prompt baseline's text (its names from
-    ``--forget_names`` or the split folder; one line when there are none), else None."""
-    if args.hard_prefix == "none":
-        return None
-    return instruction_guardrail(GuardrailOptions(forget_names=args.forget_names, data=data), splits, data.task).text
 
 
 def build_parser():
@@ -114,7 +103,7 @@ def main(argv=None):
     names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
     extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     swaps = forget_name_swaps(splits["train_forget"], names, args.seed, args.forget_swaps) if args.forget_swaps else None
-    prefix_text = hard_prefix_text(args, data, splits)
+    prefix_text = hard_prefix_text(args.hard_prefix, args.forget_names, data, splits, f"--hard_prefix {args.hard_prefix}")
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 

@@ -113,9 +113,11 @@ def icl_text(examples: list[dict], task: Task) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def instruction_guardrail(options: GuardrailOptions, splits, task: Task) -> Guardrail:
+def instruction_guardrail(options: GuardrailOptions, splits, task: Task,
+                          flag: str = "--unlearn_method instruction_prompt") -> Guardrail:
     """``--forget_names``, else the names recorded by an entities-recipe split folder, else the
-    forgotten subjects a split folder records (wmdp_sciq's)."""
+    forgotten subjects a split folder records (wmdp_sciq's). Without any: a one-line error
+    naming ``flag``."""
     try:
         names = clean_names(forgotten_names(options.forget_names, options.data))
     except AugmentError:  # no people's names recorded: a topic-based forget set may record its subjects
@@ -123,11 +125,25 @@ def instruction_guardrail(options: GuardrailOptions, splits, task: Task) -> Guar
         names = clean_names(subjects_from_split(locate(data.dataset, data.data_dir, data.data_root)) or [])
     if not names:
         raise UsageError(
-            "--unlearn_method instruction_prompt: no forgotten names (the split folder does not record them: "
+            f"{flag}: no forgotten names (the split folder does not record them: "
             "not built by the entities recipe); pass them with --forget_names NAME ..."
         )
     return Guardrail(instruction_text(names, task), {"instruction": task.instruction, "generic_label": INSTRUCTION_LABEL,
                                                 "forget_names": names})
+
+
+HARD_PREFIXES = ("none", "instruction")  # spul.py --hard_prefix, utils.readout --prefix
+
+
+def hard_prefix_text(kind: str, forget_names, data: DataConfig, splits, flag: str) -> str | None:
+    """A fixed prefix put before a soft prompt or the examples: None for ``"none"``, the
+    instruction_prompt baseline's text for ``"instruction"`` (``flag`` names the option in the
+    one-line error when no forgotten names are known)."""
+    if kind not in HARD_PREFIXES:
+        raise ValueError(f"hard prefix {kind!r}: choose from {', '.join(HARD_PREFIXES)}")
+    if kind == "none":
+        return None
+    return instruction_guardrail(GuardrailOptions(forget_names=forget_names, data=data), splits, data.task, flag).text
 
 
 def in_context_guardrail(options: GuardrailOptions, splits, task: Task) -> Guardrail:

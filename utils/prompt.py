@@ -89,12 +89,12 @@ def with_hard_prefix(prompt_fn, fixed: torch.Tensor | None):
     the soft tokens attend to it. ``fixed`` None: ``prompt_fn`` itself."""
     if fixed is None:
         return prompt_fn
+    return lambda model: join_prefix(fixed, prompt_fn(model))
 
-    def prefixed(model):
-        soft = prompt_fn(model)
-        return torch.cat([fixed.to(soft.device, soft.dtype), soft], dim=0)
 
-    return prefixed
+def join_prefix(fixed: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """(q + p, d): the fixed prefix rows, then the soft prompt's (in the soft prompt's device and dtype)."""
+    return torch.cat([fixed.to(soft.device, soft.dtype), soft], dim=0)
 
 
 def save_prompt(peft_model, folder: Path) -> None:

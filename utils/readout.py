@@ -36,7 +36,7 @@ from utils import cli
 from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import VAL_SPLITS, encode_frame, prepare_splits
 from utils.forward import to_device
-from utils.guardrails import GuardrailOptions, instruction_guardrail, prefix_ids
+from utils.guardrails import HARD_PREFIXES, hard_prefix_text, prefix_ids
 from utils.kinds import load_checked
 from utils.models import select_device
 from utils.runs import atomic_run_dir, check_output, write_json
@@ -83,9 +83,6 @@ def with_prefix(features: list[dict], ids: list[int]) -> list[dict]:
     return [{**f, "input_ids": list(ids) + list(f["input_ids"])} for f in features]
 
 
-PREFIXES = ("none", "instruction")  # --prefix choices
-
-
 def readout(states: dict, c: float = 0.1) -> dict:
     """``states[side][set] = (at_label, pooled)`` for side in train/val and set in
     retain/forget/swapped. Returns {contrast: {"label": [AUC per layer], "pooled": [...]}}."""
@@ -108,7 +105,7 @@ def build_parser():
     cli.add_data_args(p)
     p.set_defaults(eval_splits=["train_retain", "train_forget", *VAL_SPLITS])  # test is never read
     p.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names (default: those the split folder's manifest records, e.g. the embedded rt)")
-    p.add_argument("--prefix", default="none", choices=PREFIXES, help="none: the examples alone; instruction: the instruction_prompt baseline's text (naming the forgotten people) before each example")
+    p.add_argument("--prefix", default="none", choices=HARD_PREFIXES, help="none: the examples alone; instruction: the instruction_prompt baseline's text (naming the forgotten people) before each example")
     p.add_argument("--probe_c", type=float, default=0.1, help="inverse L2 strength of the logistic-regression probes")
     p.add_argument("--eval_batch_size", type=int, default=16, help="examples per forward")
     p.add_argument("--force", action="store_true", help="load a run whose recorded hashes do not match its files")
@@ -143,15 +140,13 @@ def main(argv=None):
     names = forgotten_names(args.forget_names, data)
     frames = {side: {"retain": splits[f"{side}_retain"], "forget": splits[f"{side}_forget"],
                      "swapped": counterfactual_retain(splits[f"{side}_forget"], names, args.seed)} for side in SIDES}
+    text = hard_prefix_text(args.prefix, args.forget_names, data, splits, f"--prefix {args.prefix}")
     device = select_device()
     source, _ = load_checked(args.run, device, args.force, flag="RUN", kinds=("qlora",))
     model = source.model.eval()
     encoder = Encoder(source.tokenizer, args.max_length, task=data.task)
     pad = source.tokenizer.pad_token_id
-    front = []
-    if args.prefix == "instruction":
-        guard = instruction_guardrail(GuardrailOptions(forget_names=args.forget_names, data=data), splits, data.task)
-        front = prefix_ids(source.tokenizer, guard.text)
+    front = prefix_ids(source.tokenizer, text) if text else []
     states = {side: {k: hidden_states(model, with_prefix(encode_frame(encoder, df, False), front), pad, args.eval_batch_size, device)
                      for k, df in sets.items()} for side, sets in frames.items()}
     result = readout(states, args.probe_c)

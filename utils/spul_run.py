@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from utils import guardrails
 from utils.binding import BindingMismatch, tokenizer_fingerprint
 from utils.cli import UsageError
 from utils.loading import Loaded, LoadSource, load_source_or_base
 from utils.models import DEFAULT_MODEL, load_tokenizer, resolve_model, weights_hash
-from utils.prompt import ENCODER_FILE, PROMPT_DIR, load_encoder_weights, load_prompt, prompt_summary
+from utils.prompt import ENCODER_FILE, PROMPT_DIR, join_prefix, load_encoder_weights, load_prompt, prompt_summary
 from utils.runs import read_manifest, run_manifest, warn_if_oracle
 from utils.splits import sha256_file
 
@@ -109,5 +107,5 @@ def load_spul(run_dir: Path, manifest: dict, device, load_source: LoadSource) ->
     source = load_source_or_base(manifest, device, load_source)
     peft_model, prompt = load_prompt(source.model, run_dir)
     if text is not None:
-        prompt = torch.cat([guardrails.prefix_embeddings(peft_model, tokenizer, text).to(prompt.dtype), prompt], dim=0)
+        prompt = join_prefix(guardrails.prefix_embeddings(peft_model, tokenizer, text), prompt)
     return Loaded(peft_model, tokenizer, manifest, source.model_path, prompt=prompt)
