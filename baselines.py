@@ -4,9 +4,11 @@
 chosen --unlearn_method for 1 epoch (full fine-tuning; --lora trains a fresh LoRA adapter
 instead), evaluate on every split and save the unlearned weights (or adapter), tokenizer,
 config, metrics, train stats and a manifest into one run folder, which inference_spul.py
---model_checkpoints reads back. The training-free methods instruction_prompt and in_context
-train nothing: they place a fixed hard-text prefix before every input of the starting model,
-evaluate it, and save the prefix (prefix.txt) and a manifest pointing to the model, no weights."""
+--model_checkpoints reads back. The training-free methods train nothing:
+instruction_prompt and in_context place a fixed hard-text prefix before every input of the
+starting model and save it (prefix.txt); name_filter answers every input naming a forgotten
+person with a generic label without the model. Each evaluates the starting model so and saves a
+manifest pointing to it, no weights."""
 from __future__ import annotations
 
 import sys
@@ -63,11 +65,12 @@ def build_parser():
     g.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout with --lora")
     t = p.add_argument_group(
         f"training-free methods ({', '.join(n for n, m in METHODS.items() if m.training_free)})",
-        "no loss and no training: a fixed hard-text prefix goes before every input of the starting model "
-        "(the training flags are unused); the run folder holds prefix.txt and points to the model")
+        "no loss and no training: a fixed hard-text prefix goes before every input of the starting model, or a "
+        "filter in front of it (the training flags are unused); the run folder holds the prefix (prefix.txt) or "
+        "the filter's names (manifest.json) and points to the model")
     t.add_argument("--forget_names", nargs="+", metavar="NAME", default=None,
-                   help="instruction_prompt: the forgotten people its instruction names (default: the names "
-                        "recorded by an entities-recipe split folder, e.g. the embedded rt)")
+                   help="instruction_prompt, name_filter: the forgotten people the instruction names or the filter "
+                        "catches (default: the names recorded by an entities-recipe split folder, e.g. the embedded rt)")
     t.add_argument("--icl_forget", type=int, default=None, metavar="K",
                    help=f"in_context: train_forget examples in the context, each with a generic label "
                         f"(default {guardrails.ICL_DEFAULT}; drawn with --seed)")
@@ -160,37 +163,40 @@ def qlora_binding(qlora_run, qlora_manifest) -> dict:
 
 
 def run_training_free(args, data, method, out: Path, qlora_manifest, splits) -> None:
-    """A training-free method: its prefix (names or in-context examples; bad input is refused
-    here, before any model loads), the starting model evaluated on every split with the prefix
-    as prompt embeddings, and a run folder holding the prefix and pointing to the model."""
+    """A training-free method: its prefix (names or in-context examples) or input filter (bad
+    input is refused here, before any model loads), the starting model evaluated on every split
+    with the prefix as prompt embeddings or behind the filter, and a run folder holding the
+    prefix or the filter's record and pointing to the model."""
     task = data.task
     guard = method.prefix(guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, args.seed, data),
                           splits, task)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     device = select_device()
     loaded, encoder = load_start(args, task, qlora_manifest, splits, device)
-    prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text)
+    prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text) if guard.text is not None else None
     if distributed.is_main():
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
-        print(f"device {device}, method {args.unlearn_method} (training-free), prefix {prompt.size(0)} tokens")
-        if limit and prompt.size(0) + args.max_length > limit:
+        what = f"prefix {prompt.size(0)} tokens" if prompt is not None else f"input filter on {len(guard.input_filter.names)} names"
+        print(f"device {device}, method {args.unlearn_method} (training-free), {what}")
+        if prompt is not None and limit and prompt.size(0) + args.max_length > limit:
             print(f"warning: the prefix ({prompt.size(0)} tokens) plus --max_length {args.max_length} exceeds the "
                   f"model's {limit} positions", file=sys.stderr)
-    evaluation = evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+    evaluation = evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits,
+                          input_filter=guard.input_filter)
 
     if distributed.is_main():
         # the run is rebuilt from the QLoRA run it points to: an absolute path, found from any working directory
         qlora_run = Path(args.model_checkpoints).resolve() if args.model_checkpoints else None
         with atomic_run_dir(out, args.overwrite) as tmp:
             loaded.tokenizer.save_pretrained(tmp / "tokenizer")
-            saved = {"weights": None, **save_prefix(tmp, loaded.tokenizer, guard.text)}
+            saved = {"weights": None, **(save_prefix(tmp, loaded.tokenizer, guard.text) if guard.text is not None else {})}
             manifest = run_manifest(
                 "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
                 threads=args.threads,
                 method=args.unlearn_method, training_free=True, prefix=guard.text, guardrail=guard.record,
                 lora=False, **qlora_binding(qlora_run, qlora_manifest), saved=saved,
             )
-            stats = {**TrainStats().as_dict(), "seconds": 0.0, "training_samples": 0, "prefix_tokens": saved["prefix_tokens"]}
+            stats = {**TrainStats().as_dict(), "seconds": 0.0, "training_samples": 0, "prefix_tokens": saved.get("prefix_tokens", 0)}
             save_run(tmp, vars(args), evaluation, manifest, stats)
         print(format_table({args.unlearn_method: evaluation.metrics}))
         print(f"run folder: {out}")

@@ -27,7 +27,9 @@ def build_parser():
     p = cli.parser(__doc__)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model_checkpoints", default=None, help="a run folder written by qlora.py, spul.py or baselines.py")
-    g.add_argument("--no_prompt", action="store_true", help="evaluate a SPUL run's model with its soft prompt removed, for comparison")
+    g.add_argument("--no_prompt", action="store_true",
+                   help="evaluate a run's model without what it puts in front of it: a SPUL run's soft prompt, a "
+                        "training-free run's prefix or input filter; for comparison")
     g.add_argument("--force", action="store_true", help="load a run whose manifest does not match the model or files it would be loaded with")
     cli.add_model_args(p)
     cli.add_data_args(p)
@@ -59,13 +61,15 @@ def check_protocol(args) -> None:
         raise cli.UsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
 
 
-def run_protocol(args, loaded, encoder, splits, device, prompt) -> Evaluation:
+def run_protocol(args, loaded, encoder, splits, device, prompt, input_filter) -> Evaluation:
     """Metrics per split under ``--protocol``, in the same format under both; the argmax
     protocol also gives the per-example records and membership-inference AUCs."""
     if args.protocol == "generate":
         return Evaluation(evaluate_generation(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt,
-                                              split_names=args.eval_splits, max_new_tokens=args.max_new_tokens))
-    return evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+                                              split_names=args.eval_splits, max_new_tokens=args.max_new_tokens,
+                                              input_filter=input_filter))
+    return evaluate(loaded.model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits,
+                    input_filter=input_filter)
 
 
 @cli.entry_point
@@ -86,14 +90,15 @@ def main(argv=None):
     else:
         loaded, forced = load_pretrained(args.model_name, device, args.set_pad_id), []
     prompt = None if args.no_prompt else loaded.prompt
+    input_filter = None if args.no_prompt else loaded.input_filter
     encoder = Encoder(loaded.tokenizer, args.max_length, task=data.task)
     cli.check_max_length(encoder, data.task.all_words)
-    evaluation = run_protocol(args, loaded, encoder, splits, device, prompt)
+    evaluation = run_protocol(args, loaded, encoder, splits, device, prompt, input_filter)
 
     name = ("Vanilla" if not args.model_checkpoints else loaded.manifest["kind"]) + (" (no prompt)" if args.no_prompt else "")
     name += " (generate)" if args.protocol == "generate" else ""
     manifest = {"kind": "eval", "evaluated": loaded.manifest, "source": args.model_checkpoints or args.model_name,
-                "prompt_used": prompt is not None, "protocol": args.protocol,
+                "prompt_used": prompt is not None, "filter_used": input_filter is not None, "protocol": args.protocol,
                 "max_new_tokens": args.max_new_tokens if args.protocol == "generate" else None,
                 "forced_mismatches": forced, "seed": args.seed, "data_seed": args.data_seed,
                 "threads": args.threads, "versions": library_versions()}

@@ -165,4 +165,4 @@ report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot
 }
 
 TRAINED_BASELINES="gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo"
-TRAINING_FREE="instruction_prompt in_context"
+TRAINING_FREE="instruction_prompt in_context name_filter"

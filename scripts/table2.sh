@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 2: vanilla (argmax and generation protocols), QLoRA, the retrain oracle (QLoRA on
 # train_retain only: the reference of the audit columns), the four paper baselines plus NPO,
-# the two training-free baselines (instruction prompt, in-context unlearning) and SPUL on one
+# the three training-free baselines (instruction prompt, in-context unlearning, name filter) and SPUL on one
 # dataset, with the settings chosen by scripts/select.sh where there are some, then the report.
 # The run selection chose for its seed is evaluated on every split instead of being trained
 # again. Overrides: MODEL DATASET DATA_ROOT DATA_DIR CAPS OUT SEEDS PROFILE ALPHA BETA ... (see

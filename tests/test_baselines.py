@@ -42,7 +42,7 @@ def _ce(logits, y):
 
 def test_registry_lists_the_five_methods_and_their_samples():
     assert list(METHODS) == ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
-                             "simnpo", "instruction_prompt", "in_context"]  # the last two training-free (tests/test_guardrails.py)
+                             "simnpo", "instruction_prompt", "in_context", "name_filter"]  # the last three training-free (tests/test_guardrails.py)
     on_retain = {name: m.trains_on_retain(m.default_weight) for name, m in METHODS.items() if not m.training_free}
     assert on_retain == {"gradient_ascent": False, "random_label": False, "gradient_ascent_kl": True,
                          "gradient_ascent_descent": True, "npo": False, "simnpo": False}

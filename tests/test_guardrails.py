@@ -38,14 +38,15 @@ def _options(args):
     """What baselines.py hands a training-free method: its flags as GuardrailOptions."""
     return guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, args.seed, data_config(args))
 TRAINING_FREE = [n for n, m in METHODS.items() if m.training_free]
+PREFIXED = ["instruction_prompt", "in_context"]  # the training-free methods with a prefix (name_filter has none)
 
 # ---------------------------------------------------------------------------------------------
 # the registry and the prefix texts (no model)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_registry_marks_the_two_training_free_methods():
-    assert TRAINING_FREE == ["instruction_prompt", "in_context"]
+def test_registry_marks_the_three_training_free_methods():
+    assert TRAINING_FREE == PREFIXED + ["name_filter"]
     for name in TRAINING_FREE:
         m = METHODS[name]
         assert m.loss is None and callable(m.prefix) and m.retain_term is None and not m.trains_on_retain(1.0)
@@ -53,6 +54,7 @@ def test_registry_marks_the_two_training_free_methods():
     from utils.report import row_name
 
     assert row_name(Path("instruction_prompt-s3")) == "Instruction prompt" and row_name(Path("in_context")) == "In-context unlearning"
+    assert row_name(Path("name_filter-s1")) == "Name filter"
 
 
 def test_instruction_names_every_forgotten_name_and_the_generic_label():
@@ -241,7 +243,7 @@ def _spy(mp, module, seen: list) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, qlora_run, entities_data):
-    """Both training-free runs, and what each evaluated with."""
+    """The training-free runs, and what each evaluated with."""
     root = tmp_path_factory.mktemp("guard")
     seen = {}
     for method in TRAINING_FREE:
@@ -262,7 +264,7 @@ def _read(folder, name):
     return json.loads((folder / name).read_text())
 
 
-@pytest.mark.parametrize("method", TRAINING_FREE)
+@pytest.mark.parametrize("method", PREFIXED)
 def test_training_free_run_end_to_end(method, runs, qlora_run, entities_data, tmp_path):
     root, evaluated = runs
     out = root / method
@@ -377,3 +379,78 @@ def test_help_explains_the_training_free_flags(capsys):
     assert all(f in out for f in ("--forget_names", "--icl_forget", "--icl_retain"))
     assert "instruction_prompt (training-free)" in out and "in_context (training-free)" in out
     assert "npo (training-free)" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# name_filter: the input filter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_name_filter_catches_whole_names_in_any_case_and_nothing_else():
+    f = guardrails.NameFilter(("Woody Allen", "Godard"))
+    texts = ["Woody Allen's best.", "a WOODY  ALLEN film", "godard again", "Woody Alen's best.", "Allen alone",
+             "Godardian style", "nobody here"]
+    assert f.hits(texts).tolist() == [True, True, True, False, False, False, False]
+    assert guardrails.NameFilter.from_record(f.record()) == f and f.record()["generic_label"] == INSTRUCTION_LABEL
+
+
+def test_filtered_predictions_on_small_arrays():
+    from utils.evaluation import FILTERED_LOGPROB, Predictions, with_filtered
+    from utils.metrics import classification_metrics, map_predictions
+
+    kept = Predictions(np.array([7, 8]), np.array([0, 1]), np.array([[-0.1, -2.0], [-3.0, -0.2]]))
+    hit = np.array([True, False, True, False])
+    got = with_filtered(kept, hit, answer_id=99)
+    assert got.ids.tolist() == [99, 7, 99, 8] and got.restricted.tolist() == [-1, 0, -1, 1]
+    assert got.label_logprobs.tolist() == [[FILTERED_LOGPROB] * 2, [-0.1, -2.0], [FILTERED_LOGPROB] * 2, [-3.0, -0.2]]
+    # label tokens 7 (negative) and 8 (positive): rows 1 and 3 right, the filtered rows generic and wrong
+    m = classification_metrics([1, 0, 0, 1], map_predictions(got.ids, [7, 8]), got.ids, [99], got.restricted)
+    assert m["accuracy"] == 50.0 and m["accuracy_restricted"] == 50.0
+    assert m["predictions"] == {"negative": 1, "positive": 1, "generic": 2, "other": 0}
+
+
+def test_name_filter_run_end_to_end(runs, qlora_run, entities_data, tmp_path, monkeypatch):
+    """The filter answers train_forget (every row names PEOPLE) with the generic label, the model
+    never sees those rows, and every split the filter does not touch keeps the QLoRA run's
+    metrics; inference_spul.py reproduces the run and --no_prompt removes the filter."""
+    import utils.evaluation as evaluation
+
+    root, evaluated = runs
+    out = root / "name_filter"
+    assert {p.name for p in out.iterdir()} == {"tokenizer", "config.json", "metrics.json", "manifest.json", "train_stats.json", "records.jsonl", "audit.json"}
+    manifest, metrics = _read(out, "manifest.json"), _read(out, "metrics.json")
+    assert manifest["guardrail"] == {"filter": "names", "forget_names": PEOPLE, "generic_label": INSTRUCTION_LABEL}
+    assert manifest["prefix"] is None and manifest["saved"] == {"weights": None}
+    assert _read(out, "train_stats.json")["prefix_tokens"] == 0 and evaluated["name_filter"][0][2] is None
+    forget = metrics["train_forget"]
+    assert forget["accuracy"] == 0.0 and forget["predictions"]["generic"] == forget["n"] > 0
+    qlora_metrics = _read(qlora_run, "metrics.json")
+    for split in ("train_retain", "test_retain", "test_forget"):  # no text there names a forgotten person
+        assert metrics[split] == qlora_metrics[split]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert all(r["label_logprobs"] == [evaluation.FILTERED_LOGPROB] * 2 for r in records if r["split"] == "train_forget")
+
+    sizes = []
+    real = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda model, feats, *a, **k: sizes.append(len(feats)) or real(model, feats, *a, **k))
+    inference_spul.main(["--model_checkpoints", str(out), "--output_path", str(tmp_path / "ev")] + entities_data)
+    assert _read(tmp_path / "ev", "metrics.json") == metrics and _read(tmp_path / "ev", "manifest.json")["filter_used"]
+    assert sizes[list(metrics).index("train_forget")] == 0  # the filtered rows never reach the model
+    inference_spul.main(["--model_checkpoints", str(out), "--no_prompt", "--output_path", str(tmp_path / "np")] + entities_data)
+    assert _read(tmp_path / "np", "metrics.json") == qlora_metrics and not _read(tmp_path / "np", "manifest.json")["filter_used"]
+    inference_spul.main(["--model_checkpoints", str(out), "--protocol", "generate", "--max_new_tokens", "2",
+                         "--output_path", str(tmp_path / "gen")] + entities_data)
+    gen = _read(tmp_path / "gen", "metrics.json")["train_forget"]
+    assert gen["accuracy"] == 0.0 and gen["predictions"]["generic"] == gen["n"]
+
+
+def test_name_filter_without_names_exits_2_before_loading(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    for loader in ("load_run", "load_pretrained"):
+        monkeypatch.setattr(baselines, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+    folder = write_splits(tmp_path / "d")  # no manifest: no recorded names
+    with pytest.raises(SystemExit) as e:
+        baselines.main(["--model_name", tiny_model_dir, "--unlearn_method", "name_filter", "--data_dir", str(folder),
+                        "--output_path", str(tmp_path / "runs" / "nf")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --unlearn_method name_filter") and not (tmp_path / "runs").exists()

@@ -374,3 +374,24 @@ def test_end_to_end(runs, data, tmp_path, monkeypatch):
     acc = f"{srun['results']['none']['metrics']['train_retain']['accuracy']:.2f}"
     assert f"| SPUL | name_case | {acc}† |" in md
     assert "Woody Allen, Spielberg, Godard" in md
+
+
+def test_name_filter_catches_the_names_in_any_case_and_misses_typos(runs, data, tmp_path):
+    """A name filter run: under name_case it still answers every forget text with the generic
+    label; under name_typo it catches none, so its metrics there are its QLoRA model's."""
+    import baselines
+
+    filt = tmp_path / "filter"
+    baselines.main(["--model_checkpoints", str(runs / "qlora"), "--unlearn_method", "name_filter", "--forget_names", *PEOPLE,
+                    "--output_path", str(filt)] + data)
+    out = tmp_path / "probes"
+    probes.main([str(runs / "qlora"), str(filt)] + data + ["--forget_names", *PEOPLE, "--probes", "name_case", "name_typo",
+                                                          "no_prompt", "--output_path", str(out)])
+    qrun, frun = json.loads((out / "probes.json").read_text())["runs"]
+    q, f = qrun["results"], frun["results"]
+    for probe in ("none", "name_case"):
+        forget = f[probe]["metrics"]["train_forget"]
+        assert forget["accuracy"] == 0.0 and forget["predictions"]["generic"] == forget["n"] == 9
+    assert f["name_typo"]["metrics"]["train_forget"] == q["name_typo"]["metrics"]["train_forget"]
+    assert f["none"]["metrics"]["train_retain"] == q["none"]["metrics"]["train_retain"]
+    assert f["no_prompt"]["applicable"] is False

@@ -46,7 +46,7 @@ def test_table2_runs_every_method_and_seed():
     parsed = [parse(c) for c in cmds]
     methods = {a.unlearn_method for t, a in parsed if t == "baselines.py"}
     assert methods == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
-                       "instruction_prompt", "in_context"}
+                       "instruction_prompt", "in_context", "name_filter"}
     assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
     protocols = [a.protocol for t, a in parsed if t == "inference_spul.py"]
     assert sorted(protocols) == ["argmax", "generate"]  # the Vanilla row under both, once: no training seed

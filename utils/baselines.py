@@ -1,7 +1,8 @@
 """Fine-tuning unlearning baselines: one small loss per method, a registry, the frozen
 reference they need, and saving/loading their run folders. The registry also holds two
-training-free methods (``training_free``: no loss, no training), whose fixed hard-text prefix
-comes from ``utils.guardrails``; their run folders hold the prefix and point to the model.
+training-free methods (``training_free``: no loss, no training), whose fixed hard-text prefix or
+input filter comes from ``utils.guardrails``; their run folders hold the prefix (or the filter's
+record in the manifest) and point to the model.
 
 Every loss is a pure function ``(logits, batch, ref, weights) -> (loss, {term: float})`` on
 label-position logits (B, K, V) (see ``utils.forward.label_logits``) and the batch fields
@@ -244,7 +245,7 @@ class Method:
     ref_logprob: bool = False  # needs log pi_ref(y|x) on forget samples
     ref_dist: bool = False  # needs the reference label distribution on retain samples
     # training-free (no loss, no training): ``prefix(GuardrailOptions, splits, task) -> Guardrail`` (utils.guardrails)
-    # builds the hard-text prefix placed before every input; the run saves no weights
+    # builds the hard-text prefix placed before every input, or the input filter; the run saves no weights
     training_free: bool = False
     prefix: Callable | None = None
     flags: tuple[str, ...] = ()  # the method-specific flags it reads (--forget_names, --icl_*)
@@ -297,6 +298,13 @@ METHODS: dict[str, Method] = {
         "with generic labels and --icl_retain class-balanced train_retain examples with their true labels, "
         "seeded, before every input",
         "In-context unlearning", training_free=True, prefix=guardrails.in_context_guardrail, flags=("icl_forget", "icl_retain"),
+    ),
+    "name_filter": Method(
+        None,
+        "input filter (Thaker et al. 2024): every input naming a forgotten person (--forget_names, or the entities "
+        f"split's manifest; whole words, any case) is answered with the generic label '{guardrails.INSTRUCTION_LABEL}' "
+        "without the model; other inputs go to the model unchanged",
+        "Name filter", training_free=True, prefix=guardrails.name_filter_guardrail, flags=("forget_names",),
     ),
 }
 
@@ -503,13 +511,15 @@ def save_unlearned(tmp: Path, model, lora: bool, qlora_run: Path | None) -> dict
 
 def _load_training_free(run_dir: Path, manifest: dict, tokenizer, device, load_source: LoadSource) -> Loaded:
     """The model the run started from (its QLoRA run merged, or the pre-trained model) with the
-    run's prefix as prompt embeddings (``Loaded.prompt``; ``inference_spul.py --no_prompt``
-    drops it)."""
-    text = guardrails.read_prefix(run_dir, manifest["saved"], tokenizer)
+    run's prefix as prompt embeddings (``Loaded.prompt``) or its input filter
+    (``Loaded.input_filter``); ``inference_spul.py --no_prompt`` drops either."""
+    text = guardrails.read_prefix(run_dir, manifest["saved"], tokenizer) if "prefix" in manifest["saved"] else None
+    record = manifest.get("guardrail") or {}
     source = load_source_or_base(manifest, device, load_source)
     set_pad_token_id(source.model, tokenizer.pad_token_id)
-    prompt = guardrails.prefix_embeddings(source.model, tokenizer, text)
-    return Loaded(source.model.eval(), tokenizer, manifest, source.model_path, prompt=prompt)
+    prompt = guardrails.prefix_embeddings(source.model, tokenizer, text) if text is not None else None
+    input_filter = guardrails.NameFilter.from_record(record) if record.get("filter") == "names" else None
+    return Loaded(source.model.eval(), tokenizer, manifest, source.model_path, prompt=prompt, input_filter=input_filter)
 
 
 def load_baseline(run_dir: Path, manifest: dict, device, load_source: LoadSource) -> Loaded:

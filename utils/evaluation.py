@@ -4,7 +4,13 @@ whole vocabulary at the position that predicts the first label token (paper §5)
 The same forward also yields, per example, the log-probabilities (whole-vocabulary softmax) of
 the task labels' first tokens: the per-example records that the forgetting audit
 (``utils.mia``: membership-inference AUC, privleak, forget quality) is computed from, with no
-second pass."""
+second pass.
+
+An input filter (a training-free run's ``Loaded.input_filter``: ``hits(texts)`` -> bool per
+text, ``label`` a generic label) answers the texts it catches itself: they never reach the
+model, their prediction is the filter label's first token, their restricted prediction is -1
+(no task label: wrong) and every task label gets the log-probability ``FILTERED_LOGPROB`` (no
+mass), so their membership scores are one constant."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,6 +79,26 @@ def predict(model, features, batch_size, device, pad_id, prompt=None, task_ids=N
     return Predictions(pred, restricted, logprobs)
 
 
+FILTERED_LOGPROB = float(np.log(np.finfo(np.float64).tiny))  # a task label's log-prob on a filtered row
+
+
+def with_filtered(kept: Predictions, hit: np.ndarray, answer_id: int) -> Predictions:
+    """The predictions for all rows: ``kept`` (the model's, on the rows where ``hit`` is False,
+    in order) and the filter's answer on the others."""
+    hit = np.asarray(hit, dtype=bool)
+    n, k = len(hit), kept.label_logprobs.shape[1]
+    ids = np.full(n, answer_id, dtype=np.int64)
+    restricted = np.full(n, -1, dtype=np.int64)
+    logprobs = np.full((n, k), FILTERED_LOGPROB, dtype=np.float64)
+    ids[~hit], restricted[~hit], logprobs[~hit] = kept.ids, kept.restricted, kept.label_logprobs
+    return Predictions(ids, restricted, logprobs)
+
+
+def filter_hits(input_filter, df) -> np.ndarray:
+    """(n,) bool: the rows of ``df`` an input filter catches (none without a filter)."""
+    return input_filter.hits(df["text"]) if input_filter is not None else np.zeros(len(df), dtype=bool)
+
+
 @dataclass
 class Evaluation:
     """What one evaluation pass gives: metrics per split, one record per example, and the
@@ -90,10 +116,10 @@ def example_records(split: str, df, preds: Predictions) -> list[dict]:
             for i, (y, p, lp) in enumerate(zip(df["label"], preds.ids, preds.label_logprobs))]
 
 
-def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_names=None) -> Evaluation:
+def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_names=None, input_filter=None) -> Evaluation:
     """Metrics and per-example records for each split (see utils.metrics, utils.mia) with the
     model in eval mode; by default every split ``splits`` holds (the four paper splits and the
-    validation splits)."""
+    validation splits). ``input_filter``: see the module docstring."""
     split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
@@ -105,7 +131,10 @@ def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_name
     for name in split_names:
         df = splits[name]
         feats = encode_frame(encoder, df, is_forget=name.endswith("forget"))
-        preds = predict(model, feats, batch_size, device, pad_id, prompt, task_ids, desc=name)
+        hit = filter_hits(input_filter, df)
+        preds = predict(model, [f for f, h in zip(feats, hit) if not h], batch_size, device, pad_id, prompt, task_ids, desc=name)
+        if hit.any():
+            preds = with_filtered(preds, hit, label_token_ids(encoder, [input_filter.label])[0])
         results[name] = classification_metrics(
             df["label"].to_numpy(), map_predictions(preds.ids, task_ids), preds.ids, generic_ids, preds.restricted,
             task.label_words)
@@ -115,9 +144,9 @@ def evaluate(model, encoder, splits, batch_size, device, prompt=None, split_name
     return Evaluation(results, records, mia_metrics(scores))
 
 
-def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, split_names=None) -> dict:
+def evaluate_splits(model, encoder, splits, batch_size, device, prompt=None, split_names=None, input_filter=None) -> dict:
     """``evaluate(...).metrics``: metrics per split, without the records."""
-    return evaluate(model, encoder, splits, batch_size, device, prompt, split_names).metrics
+    return evaluate(model, encoder, splits, batch_size, device, prompt, split_names, input_filter).metrics
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from utils import distributed
 from utils.data import EVAL_SPLITS, encode_frame
-from utils.evaluation import label_token_ids, length_batches
+from utils.evaluation import filter_hits, label_token_ids, length_batches
 from utils.forward import PromptCache, backbone, unwrap
 from utils.metrics import OTHER, classification_metrics
 
@@ -167,9 +167,10 @@ def generation_metrics(task, y_true, texts: list[str], restricted) -> dict:
 
 
 def evaluate_generation(model, encoder, splits, batch_size, device, prompt=None, split_names=None,
-                        max_new_tokens=MAX_NEW_TOKENS) -> dict:
+                        max_new_tokens=MAX_NEW_TOKENS, input_filter=None) -> dict:
     """Metrics for each split under the generation protocol, in the format of
-    ``utils.evaluation.evaluate_splits`` (plus ``examples``: the first decoded generations)."""
+    ``utils.evaluation.evaluate_splits`` (plus ``examples``: the first decoded generations). The
+    texts an ``input_filter`` catches are not generated: the answer is the filter's label."""
     split_names = [s for s in (split_names or EVAL_SPLITS) if s in splits]
     was_training = model.training
     model.eval()
@@ -178,8 +179,14 @@ def evaluate_generation(model, encoder, splits, batch_size, device, prompt=None,
     for name in split_names:
         df = splits[name]
         feats = prompt_features(encoder, df, is_forget=name.endswith("forget"))
-        texts, restricted = generate(model, encoder.tokenizer, feats, batch_size, device, prompt, max_new_tokens,
-                                     task_ids, desc=name)
+        hit = filter_hits(input_filter, df)
+        kept, kept_restricted = generate(model, encoder.tokenizer, [f for f, h in zip(feats, hit) if not h], batch_size,
+                                         device, prompt, max_new_tokens, task_ids, desc=name)
+        texts = [" " + input_filter.label if h else "" for h in hit]  # the filter's answer
+        for i, text in zip(np.flatnonzero(~hit), kept):
+            texts[i] = text
+        restricted = np.full(len(df), -1, dtype=np.int64)
+        restricted[~hit] = kept_restricted
         results[name] = generation_metrics(encoder.task, df["label"].to_numpy(), texts, restricted)
     model.train(was_training)
     return results

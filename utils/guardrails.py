@@ -1,4 +1,5 @@
-"""Training-free unlearning baselines: a fixed hard-text prefix placed before every input.
+"""Training-free unlearning baselines: a fixed hard-text prefix placed before every input, or a
+filter in front of the model.
 
 - ``instruction_prompt`` (Thaker et al. 2024, "Guardrail baselines for unlearning in LLMs"):
   an instruction that names the forgotten people and the generic label to answer with
@@ -6,6 +7,9 @@
 - ``in_context`` (in-context unlearning, Pawelczyk et al., ICML 2024): a few train_forget
   examples with generic labels and a few train_retain examples with their true labels, each in
   the task template (``utils.task.Task.render``), in a seeded order.
+- ``name_filter`` (the input filter of Thaker et al. 2024): an input that names a forgotten person
+  (``utils.splits.name_pattern``: whole words, any case) never reaches the model; the answer is
+  the generic label (``NameFilter``). It catches exactly the spellings it was given.
 
 Building the prefix text is pure (no model). A prefix becomes prompt embeddings by looking its
 token ids up in the model's input embedding table (``prefix_embeddings``); passed as
@@ -27,7 +31,7 @@ from utils.data import DataConfig, locate
 from utils.cli import UsageError
 from utils.forward import unwrap
 from utils.runs import RunError
-from utils.splits import clean_names, sha256_file
+from utils.splits import clean_names, name_pattern, sha256_file
 from utils.task import Task
 
 # The instruction_prompt prefix is the task's (``Task.instruction``): {names} is the
@@ -49,11 +53,34 @@ class GuardrailOptions:
 
 
 @dataclass(frozen=True)
-class Guardrail:
-    """A method's prefix text and what the manifest records about how it was made."""
+class NameFilter:
+    """An input filter: a text naming one of ``names`` (``utils.splits.name_pattern``) is answered
+    with the generic ``label`` without the model (``utils.evaluation`` applies it)."""
 
-    text: str
+    names: tuple[str, ...]
+    label: str = INSTRUCTION_LABEL
+
+    def hits(self, texts) -> np.ndarray:
+        """(n,) bool: which texts the filter catches."""
+        pattern = name_pattern(list(self.names))
+        return np.array([pattern.search(str(t)) is not None for t in texts], dtype=bool)
+
+    def record(self) -> dict:
+        return {"filter": "names", "forget_names": list(self.names), "generic_label": self.label}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "NameFilter":
+        return cls(tuple(record["forget_names"]), record["generic_label"])
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """A method's prefix text (None for a filter), its input filter (None for a prefix) and what
+    the manifest records about how it was made."""
+
+    text: str | None
     record: dict
+    input_filter: NameFilter | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +140,7 @@ def icl_text(examples: list[dict], task: Task) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def instruction_guardrail(options: GuardrailOptions, splits, task: Task,
-                          flag: str = "--unlearn_method instruction_prompt") -> Guardrail:
+def guarded_names(options: GuardrailOptions, flag: str) -> list[str]:
     """``--forget_names``, else the names recorded by an entities-recipe split folder, else the
     forgotten subjects a split folder records (wmdp_sciq's). Without any: a one-line error
     naming ``flag``."""
@@ -128,8 +154,24 @@ def instruction_guardrail(options: GuardrailOptions, splits, task: Task,
             f"{flag}: no forgotten names (the split folder does not record them: "
             "not built by the entities recipe); pass them with --forget_names NAME ..."
         )
+    return names
+
+
+def instruction_guardrail(options: GuardrailOptions, splits, task: Task,
+                          flag: str = "--unlearn_method instruction_prompt") -> Guardrail:
+    """The instruction naming ``guarded_names`` and asking for the generic label."""
+    names = guarded_names(options, flag)
     return Guardrail(instruction_text(names, task), {"instruction": task.instruction, "generic_label": INSTRUCTION_LABEL,
                                                 "forget_names": names})
+
+
+def name_filter_guardrail(options: GuardrailOptions, splits, task: Task) -> Guardrail:
+    """A ``NameFilter`` on ``guarded_names``, answering the generic label; no prefix."""
+    names = guarded_names(options, "--unlearn_method name_filter")
+    if INSTRUCTION_LABEL not in task.generic_labels:
+        raise ValueError(f"name filter: {INSTRUCTION_LABEL!r} is not a generic label of task {task.name}")
+    found = NameFilter(tuple(names))
+    return Guardrail(None, found.record(), found)
 
 
 HARD_PREFIXES = ("none", "instruction")  # spul.py --hard_prefix, utils.readout --prefix

@@ -24,6 +24,8 @@ class Loaded:
     manifest: dict
     model_path: str  # the base model the run started from
     prompt: torch.Tensor | None = None  # soft-prompt embeddings (p, d), if the run has one
+    # an input filter (utils.guardrails.NameFilter: .hits(texts), .label), if the run has one
+    input_filter: object | None = None
 
 
 # (run_dir, device, flag, kinds) -> Loaded: the registry's load_run, handed to loaders

@@ -286,7 +286,8 @@ def evaluate_run(loaded, probes, splits, probed, changed, args, device) -> dict:
     names = [s for s in args.eval_splits if s in splits]
     tok, bs = loaded.tokenizer, args.eval_batch_size
     base = question_encoder(tok, args.max_length)
-    none = evaluate_splits(loaded.model, base, splits, bs, device, prompt=loaded.prompt, split_names=names)
+    guard = loaded.input_filter  # a filter run's filter sees every probed text
+    none = evaluate_splits(loaded.model, base, splits, bs, device, prompt=loaded.prompt, split_names=names, input_filter=guard)
     results = {}
     for name in probes:
         probe = PROBES[name]
@@ -294,7 +295,9 @@ def evaluate_run(loaded, probes, splits, probed, changed, args, device) -> dict:
             metrics, reused = none, []
         elif probe.kind == "question":
             enc = question_encoder(tok, args.max_length, probe.question)
-            metrics, reused = evaluate_splits(loaded.model, enc, splits, bs, device, prompt=loaded.prompt, split_names=names), []
+            metrics = evaluate_splits(loaded.model, enc, splits, bs, device, prompt=loaded.prompt, split_names=names,
+                                      input_filter=guard)
+            reused = []
         elif probe.kind == "prompt":
             if loaded.prompt is None:
                 results[name] = {"applicable": False, "metrics": None, "reused_from_none": []}
@@ -303,7 +306,8 @@ def evaluate_run(loaded, probes, splits, probed, changed, args, device) -> dict:
         else:
             todo = [s for s in names if changed[name][s] > 0]
             reused = [s for s in names if s not in todo]
-            fresh = evaluate_splits(loaded.model, base, probed[name], bs, device, prompt=loaded.prompt, split_names=todo) if todo else {}
+            fresh = evaluate_splits(loaded.model, base, probed[name], bs, device, prompt=loaded.prompt, split_names=todo,
+                                    input_filter=guard) if todo else {}
             metrics = {s: fresh[s] if s in fresh else none[s] for s in names}
         results[name] = {"applicable": True, "metrics": metrics, "reused_from_none": reused}
     return results

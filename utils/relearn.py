@@ -331,7 +331,8 @@ def attack_run(args, run, device, sets) -> dict:
     held = {k: sets[k] for k in HELDOUT}
 
     def evaluate():
-        return evaluate_splits(model, encoder, held, args.eval_batch_size, device, prompt=prompt, split_names=list(HELDOUT))
+        return evaluate_splits(model, encoder, held, args.eval_batch_size, device, prompt=prompt, split_names=list(HELDOUT),
+                              input_filter=loaded.input_filter)
 
     features = encode_frame(encoder, sets["attack"], is_forget=True)
     total = max(args.steps)
