@@ -75,7 +75,7 @@ def check_args(args) -> None:
     if args.forget_names and not (args.counterfactual_retain or args.forget_swaps or args.hard_prefix != "none"):
         raise cli.UsageError("--forget_names: only used with --counterfactual_retain, --forget_swaps or --hard_prefix")
     # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
-    args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force)
+    args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force, args.hard_prefix)
 
 
 def default_output(args) -> Path:

@@ -162,6 +162,10 @@ def test_spul_on_pretrained_model_and_resume(runs, tiny_model_dir, data_args, tm
     err = refused(capsys, spul.main, ["--model_name", tiny_model_dir, "--resume_from", str(runs / "spul"),
                                       "--output_path", str(tmp_path / "r")] + SPUL_ARGS + data_args)
     assert "--resume_from" in err and "qlora_adapter_sha256" in err and not (tmp_path / "r").exists()
+    # nor one trained without a hard prefix seed one behind a prefix
+    err = refused(capsys, spul.main, ["--model_name", tiny_model_dir, "--resume_from", str(out), "--hard_prefix", "instruction",
+                                      "--forget_names", "Ann Other", "--output_path", str(tmp_path / "r")] + SPUL_ARGS + data_args)
+    assert "--resume_from" in err and "--hard_prefix none" in err and not (tmp_path / "r").exists()
     # resuming from a matching run starts from its encoder: lr ~0 keeps the prompt where it was
     spul.main(["--model_name", tiny_model_dir, "--resume_from", str(out), "--output_path", str(tmp_path / "resumed")]
               + SPUL_ARGS + ["--lr", "1e-12", "--num_epochs", "0.3"] + data_args)

@@ -26,10 +26,12 @@ MANIFEST_FIELDS = ("source_kind", "qlora_run", "qlora_adapter_sha256", "qlora_sp
                    "forced_mismatches", "hard_prefix")
 
 
-def check_sources(model_checkpoints: str | None, model_name: str | None, resume_from: str | None, force: bool) -> str:
+def check_sources(model_checkpoints: str | None, model_name: str | None, resume_from: str | None, force: bool,
+                  hard_prefix: str = "none") -> str:
     """Checks on --model_checkpoints, --model_name and --resume_from that need no model loaded:
     run kinds, a --model_name that contradicts the QLoRA run, a --resume_from prompt trained on
-    another model (unless --force). Returns the base model that will be used."""
+    another model or behind another --hard_prefix (unless --force). Returns the base model that
+    will be used."""
     qlora = read_manifest(Path(model_checkpoints), "--model_checkpoints", ("qlora",)) if model_checkpoints else None
     warn_if_oracle(qlora, model_checkpoints)
     if qlora and model_name and resolve_model(model_name) != resolve_model(qlora["base_model"]):
@@ -50,6 +52,12 @@ def check_sources(model_checkpoints: str | None, model_name: str | None, resume_
         raise BindingMismatch(
             f"--resume_from {resume_from}: was trained on a different model ({', '.join(differ)} differ); "
             f"pass --force to use it anyway"
+        )
+    was = (old.get("hard_prefix") or {}).get("kind", "none")
+    if was != hard_prefix and not force:
+        raise UsageError(
+            f"--resume_from {resume_from}: was trained with --hard_prefix {was}, this run asks for --hard_prefix "
+            f"{hard_prefix} (the prompt learned to work behind its prefix); pass --force to use it anyway"
         )
     return model_name
 
