@@ -44,6 +44,10 @@ def build_parser():
     g.add_argument("--prompt_norm", default="free", choices=PROMPT_NORMS, help="free: the paper's P-tuning, the encoder's output as it is; token: each prompt row rescaled to the mean norm of the model's token embeddings (ours: keeps the prompt at the scale the model was trained on, see the README)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
+    g.add_argument("--generic_label", default=None, metavar="WORD",
+                   help="the generic label every forget sample is trained toward, one of the task's (sentiment: neutral, "
+                        "unknown); default: one drawn uniformly per forget sample from --seed (the paper). One label gives "
+                        "L_f a target it can reach (ours; 'unknown' is the label the --hard_prefix instruction asks for)")
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--hard_prefix", default="none", choices=HARD_PREFIXES, help="none (default, the paper): the soft prompt alone; instruction: the instruction_prompt baseline's text, which names the forgotten people, as fixed tokens before the soft prompt (ours: the names in front make \"names a forgotten person\" readable at the label position, see the README)")
@@ -99,6 +103,9 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     data = cli.data_config(args)
+    if args.generic_label is not None and args.generic_label not in data.task.generic_labels:
+        raise cli.UsageError(f"--generic_label {args.generic_label}: not a generic label of task {data.task.name} "
+                             f"(choose from {', '.join(data.task.generic_labels)})")
     splits = prepare_splits(data)
     names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
     extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
@@ -119,7 +126,8 @@ def main(argv=None):
     if distributed.is_main():
         print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
 
-    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps)
+    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps,
+                            generic_label=args.generic_label)
     cache_reference = args.cache_reference and not has_dropout(source.model)
     if args.cache_reference and not cache_reference and distributed.is_main():
         print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")
@@ -145,7 +153,8 @@ def main(argv=None):
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = spul_manifest(data, splits, source, tmp, model, tokenizer, model_checkpoints=args.model_checkpoints,
                                      model_name=args.model_name, seed=args.seed, threads=args.threads, alpha=args.alpha,
-                                     beta=args.beta, resume_from=args.resume_from, forced=forced, hard_prefix=hard)
+                                     beta=args.beta, resume_from=args.resume_from, forced=forced, hard_prefix=hard,
+                                     generic_label=args.generic_label)
             manifest["prompt"]["row_norm"] = row_norm
             save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)

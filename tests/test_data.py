@@ -66,6 +66,9 @@ def test_generic_labels_seeded_and_from_generic_set():
     assert a == generic_labels(50, seed=3)
     assert a != generic_labels(50, seed=4)
     assert set(a) <= set(GENERIC_LABELS) and len(set(a)) == 2
+    assert SENTIMENT.generic_for(5, seed=3, fixed="unknown") == ["unknown"] * 5  # --generic_label: one for all
+    with pytest.raises(ValueError, match="not a generic label"):
+        SENTIMENT.generic_for(5, seed=3, fixed="positive")
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])

@@ -133,6 +133,7 @@ def test_mismatched_manifest_is_refused_unless_forced(runs, data_args, tmp_path,
     (["--forget_size", "0"], "--forget_size"),
     (["--model_checkpoints", "/nonexistent/run"], "--model_checkpoints"),
     (["--resume_from", "/nonexistent/run"], "--resume_from"),
+    (["--generic_label", "positive"], "--generic_label positive"),
 ])
 def test_spul_bad_input_one_line(extra, flag, capsys, tmp_path):
     out = tmp_path / "out"
@@ -200,3 +201,22 @@ def test_validation_splits_are_the_same_for_every_stage_and_never_trained_on(run
         assert q["splits"][split] == s["splits"][split] and q["splits"][split]["rows"] == 12
     for split in ("train_retain", "train_forget"):
         assert q["splits"][split]["sha256"] != q["splits"]["val_" + split.split("_")[1]]["sha256"]
+
+
+def test_generic_label_trains_every_forget_sample_toward_it(runs, data_args, tmp_path, monkeypatch):
+    """--generic_label unknown: every forget sample's target is 'unknown' (the default draws
+    neutral/unknown per sample), and the manifest counts say so."""
+    seen = []
+    real = spul.training_set
+    monkeypatch.setattr(spul, "training_set", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    out = tmp_path / "g"
+    spul.main(["--model_checkpoints", str(runs / "qlora"), "--generic_label", "unknown", "--num_epochs", "0.3",
+               "--output_path", str(out)] + SPUL_ARGS + data_args)
+    from utils.models import load_tokenizer
+
+    tok = load_tokenizer(out / "tokenizer")
+    forget = [f for f in seen[0] if f["is_forget"]]
+    words = {tok.decode([t for t in f["label_ids"] if t != -100]).strip() for f in forget}
+    assert words == {"unknown"} and len(forget) > 0
+    assert read(out / "manifest.json")["generic_label_counts"] == {"unknown": len(forget)}
+    assert read(out / "config.json")["generic_label"] == "unknown"

@@ -270,23 +270,25 @@ def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] 
 
 
 def training_set(encoder, splits, seed: int, relabel_forget: bool = False, extra_retain: pd.DataFrame | None = None,
-                 include_forget: bool = True, extra_forget: pd.DataFrame | None = None) -> list[dict]:
+                 include_forget: bool = True, extra_forget: pd.DataFrame | None = None,
+                 generic_label: str | None = None) -> list[dict]:
     """train_retain (+ ``extra_retain`` rows, e.g. counterfactual ones) + train_forget (+
     ``extra_forget`` rows, e.g. name-swapped copies); forget samples keep their true label, or
     with ``relabel_forget`` get a generic label drawn once from the seed (the extra forget rows
-    from a stream of their own, so that train_forget's draw does not depend on them).
+    from a stream of their own, so that train_forget's draw does not depend on them), or
+    ``generic_label`` for every one of them when given.
     ``include_forget`` False: train_retain alone (the retrain oracle)."""
     if not include_forget:
         retain = encode_frame(encoder, splits["train_retain"], False)
         return retain + (encode_frame(encoder, extra_retain, False) if extra_retain is not None else [])
     forget = splits["train_forget"]
-    targets = encoder.task.generic_for(len(forget), seed) if relabel_forget else None
+    targets = encoder.task.generic_for(len(forget), seed, generic_label) if relabel_forget else None
     retain = encode_frame(encoder, splits["train_retain"], False)
     if extra_retain is not None:
         retain += encode_frame(encoder, extra_retain, False)
     out = retain + encode_frame(encoder, forget, True, targets)
     if extra_forget is not None:
-        extra_targets = encoder.task.generic_for(len(extra_forget), seed + 1_000_003) if relabel_forget else None
+        extra_targets = encoder.task.generic_for(len(extra_forget), seed + 1_000_003, generic_label) if relabel_forget else None
         out += encode_frame(encoder, extra_forget, True, extra_targets)
     return out
 

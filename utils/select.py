@@ -33,7 +33,7 @@ from utils.runs import CONFIG, MANIFEST, METRICS, read_json, trained_run, write_
 READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
 # flags a grid varies, per run kind; their selected values are what the recipes pass on
 TUNED = {
-    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "hard_prefix"),
+    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "hard_prefix", "generic_label"),
     "baseline": ("lr", "num_epochs", "retain_weight", *hparam_flags()),  # and each method's own (Method.hparams)
 }
 

@@ -75,7 +75,8 @@ def source_binding(model_checkpoints: str | None, source) -> dict:
 
 def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, model_checkpoints: str | None,
                   model_name: str, seed: int, threads: int | None, alpha: float, beta: float,
-                  resume_from: str | None, forced: list, hard_prefix: dict | None = None) -> dict:
+                  resume_from: str | None, forced: list, hard_prefix: dict | None = None,
+                  generic_label: str | None = None) -> dict:
     """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
     the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
     drew each generic label, any mismatch accepted with --force, and the hard-text prefix
@@ -89,7 +90,7 @@ def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, 
         prompt_encoder_sha256=sha256_file(folder / ENCODER_FILE),
         alpha=alpha,
         beta=beta,
-        generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed)).items())),
+        generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed, generic_label)).items())),
         resumed_from=str(Path(resume_from).resolve()) if resume_from else None,
         forced_mismatches=forced,
         hard_prefix=hard_prefix,

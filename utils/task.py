@@ -159,8 +159,13 @@ class Task:
         out["label_text"] = [self.label_words[i] for i in out["label"]]
         return out.reset_index(drop=True)
 
-    def generic_for(self, n: int, seed: int) -> list[str]:
-        """One generic label per forget sample, drawn uniformly, once, from the run's seed."""
+    def generic_for(self, n: int, seed: int, fixed: str | None = None) -> list[str]:
+        """One generic label per forget sample, drawn uniformly, once, from the run's seed (the
+        paper); with ``fixed`` (one of ``generic_labels``) that label for every sample."""
+        if fixed is not None:
+            if fixed not in self.generic_labels:
+                raise ValueError(f"{fixed!r} is not a generic label of task {self.name} ({', '.join(self.generic_labels)})")
+            return [fixed] * n
         rng = np.random.default_rng([seed, 7919])  # own stream, independent of other draws
         return [self.generic_labels[i] for i in rng.integers(len(self.generic_labels), size=n)]
 
