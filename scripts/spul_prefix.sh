@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPUL with the forgotten names in front (ours): the selected CPU recipe (scripts/selected/)
 # with the instruction_prompt baseline's text as fixed tokens before the soft prompt
-# (--hard_prefix instruction) and twice the epochs (16). Chosen on validation data (seeds 1 and
-# 2; see the README's "SPUL with the names in front"). With the defaults it writes next to the
+# (--hard_prefix instruction), twice the epochs (16) and one generic label for every forget
+# sample (--generic_label unknown, the label the instruction asks for). Chosen on validation
+# data (see the README's "SPUL with the names in front"). With the defaults it writes next to the
 # main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA stages, adds
 # runs/main/spul-prefix-s42 and reports vanilla, QLoRA and this SPUL in runs/main/spul_prefix.md.
 # The README's three-seed figures: THREADS=1 SEEDS="42 1 2" OUT=runs/prefix bash scripts/spul_prefix.sh
@@ -18,7 +19,7 @@ for seed in $SEEDS; do
   qlora_stage "$seed"
   # shellcheck disable=SC2086
   spul_stage "$seed" "spul-prefix-s$seed" --ptuning_num_tokens "$P_TOKENS" --num_epochs "$PREFIX_EPOCHS" \
-    --hard_prefix instruction $PREFIX_FLAGS
+    --hard_prefix instruction --generic_label unknown $PREFIX_FLAGS
   for r in vanilla qlora spul-prefix; do runs+=("$OUT/$r-s$seed"); done
 done
 report spul_prefix "${runs[@]}"

@@ -83,13 +83,13 @@ def test_spul_long_reuses_the_main_job():
     assert next(a for t, a in flagged if t == "spul.py").counterfactual_retain == 0.5
 
 
-def test_spul_prefix_is_the_selected_recipe_with_the_names_in_front_and_16_epochs():
+def test_spul_prefix_is_the_selected_recipe_with_the_names_in_front_one_generic_label_and_16_epochs():
     parsed = [parse(c) for c in dry_run("spul_prefix.sh", PROFILE="", OUT="", SEEDS="42 1 2")]
     spuls = [a for t, a in parsed if t == "spul.py"]
     assert [a.seed for a in spuls] == [42, 1, 2]
     s = spuls[0]
     assert s.model_checkpoints == "runs/main/qlora-s42" and s.output_path == "runs/main/spul-prefix-s42"
-    assert (s.hard_prefix, s.num_epochs, s.lr, s.alpha, s.beta) == ("instruction", 16, 3e-3, 1.0, 2.0)
+    assert (s.hard_prefix, s.generic_label, s.num_epochs, s.lr, s.alpha, s.beta) == ("instruction", "unknown", 16, 3e-3, 1.0, 2.0)
     assert (s.stratify_batches, s.counterfactual_retain, s.train_batch_size, s.ptuning_num_tokens) == (True, 0.5, 8, 30)
     assert parsed[-1][0] == "utils.report"
 
