@@ -1,5 +1,5 @@
 """Fine-tuning unlearning baselines: one small loss per method, a registry, the frozen
-reference they need, and saving/loading their run folders. The registry also holds two
+reference they need, and saving/loading their run folders. The registry also holds three
 training-free methods (``training_free``: no loss, no training), whose fixed hard-text prefix or
 input filter comes from ``utils.guardrails``; their run folders hold the prefix (or the filter's
 record in the manifest) and point to the model.
