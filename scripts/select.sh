@@ -8,13 +8,18 @@
 # (default: spul and the five trained baselines), SELECT_SEED, MAX_DROP, and everything in
 # scripts/common.sh. Finished grid runs are reused, so two invocations with different
 # SELECT_METHODS can run side by side and a last one without it writes the whole selection.
+# With SELECT_METHODS other than the default, only those methods' lines of $SELECTED_OUT are
+# replaced (utils.select --update): re-running one method's grid keeps the others' choices.
 #   PROFILE=cpu OUT=runs/main bash scripts/select.sh        # then: bash scripts/main.sh
 source "$(dirname "$0")/common.sh"
 : "${SELECT_SEED:=${SEEDS%% *}}" "${MAX_DROP:=5}"
 : "${SELECT_METHODS:=spul $TRAINED_BASELINES}"
 : "${BASELINE_LRS:=1e-6 1e-5 3e-5 1e-4}"
 if [ "$PROFILE" = cpu ]; then
-  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches --counterfactual_retain 0.5}"
+  # the last three: the names in front (--hard_prefix instruction) and one generic label, at
+  # 8 and 6 epochs (6 keeps the main job within 30 minutes)
+  NAMES="--counterfactual_retain 0.5 --hard_prefix instruction --generic_label unknown"
+  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches --counterfactual_retain 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches $NAMES;--lr 3e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $NAMES;--lr 5e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $NAMES}"
 else
   : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
 fi
@@ -45,8 +50,10 @@ for method in $SELECT_METHODS; do
     runs+=("$SEL_OUT/$method-lr$lr-s$seed")
   done
 done
+UPDATE=()
+[ "$SELECT_METHODS" != "spul $TRAINED_BASELINES" ] && UPDATE=(--update)
 cmd=($PY -m utils.select --reference "$OUT/qlora-s$seed" --runs "${runs[@]}" --max_drop "$MAX_DROP"
-     --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT")
+     --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT" "${UPDATE[@]}")
 if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
 mkdir -p "$(dirname "$SELECTED_OUT")"
 run_plan  # ONE_PROCESS=1: the planned runs, before the selection reads them

@@ -157,6 +157,10 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
     select = parsed[-1][1]
     assert select.reference.endswith("qlora-s5") and len(select.runs) == len(grid)
+    assert not select.update  # the whole selection rewrites the env file
+    only_spul = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SEEDS="5", SELECT_METHODS="spul")]
+    assert {t for t, _ in only_spul} == {"qlora.py", "spul.py", "utils.select"}
+    assert only_spul[-1][1].update  # one method's grid keeps the other methods' lines
 
 
 def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):

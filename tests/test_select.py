@@ -107,3 +107,23 @@ def test_hard_prefix_is_carried_when_given_and_dropped_at_its_default(tmp_path):
     out = select.select_all(ref, [plain, prefixed])
     assert out["grid"]["spul"][0]["flags"] == {"lr": 3e-3}
     assert "SEL_SPUL='--lr 0.003 --hard_prefix instruction'" in select.env_lines(out)
+
+
+def test_update_replaces_one_methods_lines_and_keeps_the_others(tmp_path, capsys):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    env = tmp_path / "s.env"
+    env.write_text("# old\nSEL_SEED=1\nSEL_SPUL='--lr 0.01'\nSELRUN_SPUL=old/spul\n"
+                   "SEL_NPO='--lr 1e-06'\nSELRUN_NPO=old/npo\n")
+    a = run(tmp_path / "a", "spul", 78.0, 30.0, 30.0, lr=3e-3)
+    assert select.main(["--reference", str(ref), "--runs", str(a), "--env", str(env), "--update"]) == 0
+    lines = env.read_text().splitlines()
+    assert "SEL_SPUL='--lr 0.003'" in lines and f"SELRUN_SPUL={a}" in lines
+    assert "SEL_NPO='--lr 1e-06'" in lines and "SELRUN_NPO=old/npo" in lines  # kept
+    assert "SEL_SPUL='--lr 0.01'" not in lines and lines.count("SEL_SEED=1") == 1
+    # without --update the file holds only this selection
+    assert select.main(["--reference", str(ref), "--runs", str(a), "--env", str(env)]) == 0
+    assert "SEL_NPO" not in env.read_text()
+    # kept lines chosen on another seed: one line, the file untouched
+    env.write_text("SEL_SEED=2\nSEL_NPO='--lr 1e-06'\n")
+    assert select.main(["--reference", str(ref), "--runs", str(a), "--env", str(env), "--update"]) == 2
+    assert "SEL_SEED=2" in capsys.readouterr().err and env.read_text() == "SEL_SEED=2\nSEL_NPO='--lr 1e-06'\n"

@@ -23,6 +23,7 @@ counts as the run it evaluated, and ``--best`` prints that run's folder.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -113,6 +114,21 @@ def env_lines(selection: dict) -> list[str]:
     return lines
 
 
+def updated_env_lines(selection: dict, previous: str) -> list[str]:
+    """``env_lines`` for a selection of some methods only (``--update``): the lines of the methods
+    it did not select are kept from ``previous`` (the existing env file's text). Refuses when the
+    kept lines were chosen on another seed, since ``SEL_SEED`` names one seed for every ``SELRUN_``."""
+    new, old = env_lines(selection), previous.splitlines()
+    new_seed = [line for line in new if line.startswith("SEL_SEED=")]
+    old_seed = [line for line in old if line.startswith("SEL_SEED=")]
+    if new_seed and old_seed and new_seed != old_seed:
+        raise SelectionError(f"--update: the env file was selected with {old_seed[0]}, these runs with "
+                             f"{new_seed[0]}; select every method on one seed")
+    ours = {m.upper() for m in selection["selected"]} | {"SEED"}
+    kept = [line for line in old if (m := re.match(r"SEL(?:RUN)?_(\w+)=", line)) and m.group(1) not in ours]
+    return new + (old_seed if not new_seed else []) + kept
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="the QLoRA run folder the utility constraint is measured against")
@@ -120,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
     p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
     p.add_argument("--env", help="write SEL_<METHOD>=\"flags\" lines here (sourced by the table recipes)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the lines of the methods in --runs in an existing --env file and keep the other "
+                        "methods' (e.g. after re-running one method's grid)")
     p.add_argument("--best", action="store_true",
                    help="pool every method's runs and print only the folder of the run the criterion picks (the trained "
                         "run, for an eval folder)")
@@ -139,6 +158,11 @@ def main(argv=None) -> int:
         return 0
     try:
         selection = select_all(Path(args.reference), args.runs, args.max_drop)
+        env = Path(args.env) if args.env else None
+        if env and args.update and env.is_file():
+            lines = updated_env_lines(selection, env.read_text())
+        else:
+            lines = env_lines(selection)
     except (SelectionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,8 +171,8 @@ def main(argv=None) -> int:
         print(f"{method}: {r['flags']}  val_retain {r['val_retain']:.2f}  forget score {r['forget_score']:.2f}{mark}")
     if args.json:
         write_json(Path(args.json), selection)
-    if args.env:
-        Path(args.env).write_text("\n".join(env_lines(selection)) + "\n")
+    if env:
+        env.write_text("\n".join(lines) + "\n")
     return 0
 
 
