@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Model selection on validation data: sweep a stated grid per method on one seed, evaluate each
+# Model selection on validation data: sweep a stated grid per method on one seed (or several), evaluate each
 # run on train_forget, val_retain and val_forget only (the test splits are dropped
 # at load time and never read), pick one setting per method with utils/select.py's criterion
 # (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
 # val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
 # recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS
-# (default: spul and the five trained baselines), SELECT_SEED, MAX_DROP, and everything in
-# scripts/common.sh. Finished grid runs are reused, so two invocations with different
+# (default: spul and the five trained baselines), SELECT_SEED (default: the first of SEEDS),
+# SELECT_SEEDS (default: SELECT_SEED; several seeds run the whole grid on each and judge every
+# setting on its mean, which a recipe as seed-sensitive as SPUL's at CPU scale needs), MAX_DROP,
+# and everything in scripts/common.sh. Finished grid runs are reused, so two invocations with different
 # SELECT_METHODS can run side by side and a last one without it writes the whole selection.
 # With SELECT_METHODS other than the default, only those methods' lines of $SELECTED_OUT are
 # replaced (utils.select --update): re-running one method's grid keeps the others' choices.
@@ -25,34 +27,37 @@ else
 fi
 : "${SEL_OUT:=$OUT/select}"
 : "${SELECTED_OUT:=scripts/selected/$PROFILE-$DATASET.env}"
+: "${SELECT_SEEDS:=$SELECT_SEED}"  # several seeds: each setting judged on its mean (utils/select.py)
 NO_TEST=(--eval_splits train_forget val_retain val_forget)  # what the criterion reads; never test
-seed=$SELECT_SEED
 
-qlora_stage "$seed"  # the reference of the utility constraint (shared with table2.sh)
-runs=()
+runs=() refs=()
 IFS=';' read -r -a configs <<< "$SPUL_GRID"
 case " $SELECT_METHODS " in *" spul "*) ;; *) configs=() ;; esac
-for cfg in "${configs[@]}"; do
-  # shellcheck disable=SC2086
-  tag=$(printf '%s' $cfg | tr -d ' -' | tr '_' '.')
-  # shellcheck disable=SC2086
-  stage "select spul $cfg" "$SEL_OUT/spul-$tag-s$seed" $PY spul.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \
-    --seed "$seed" --train_batch_size "$SPUL_BATCH" $SPUL_FLAGS --ptuning_num_tokens "$P_TOKENS" $cfg "${NO_TEST[@]}" \
-    --output_path "$SEL_OUT/spul-$tag-s$seed"
-  runs+=("$SEL_OUT/spul-$tag-s$seed")
-done
-for method in $SELECT_METHODS; do
-  [ "$method" = spul ] && continue
-  for lr in $BASELINE_LRS; do
-    stage "select $method lr $lr" "$SEL_OUT/$method-lr$lr-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
-      "${DATA[@]}" --seed "$seed" --unlearn_method "$method" --lr "$lr" --num_epochs "$BASELINE_EPOCHS" \
-      --train_batch_size "$BATCH" "${NO_TEST[@]}" --output_path "$SEL_OUT/$method-lr$lr-s$seed"
-    runs+=("$SEL_OUT/$method-lr$lr-s$seed")
+for seed in $SELECT_SEEDS; do
+  qlora_stage "$seed"  # the reference of the utility constraint (shared with table2.sh)
+  refs+=("$OUT/qlora-s$seed")
+  for cfg in "${configs[@]}"; do
+    # shellcheck disable=SC2086
+    tag=$(printf '%s' $cfg | tr -d ' -' | tr '_' '.')
+    # shellcheck disable=SC2086
+    stage "select spul $cfg" "$SEL_OUT/spul-$tag-s$seed" $PY spul.py --model_checkpoints "$OUT/qlora-s$seed" "${DATA[@]}" \
+      --seed "$seed" --train_batch_size "$SPUL_BATCH" $SPUL_FLAGS --ptuning_num_tokens "$P_TOKENS" $cfg "${NO_TEST[@]}" \
+      --output_path "$SEL_OUT/spul-$tag-s$seed"
+    runs+=("$SEL_OUT/spul-$tag-s$seed")
+  done
+  for method in $SELECT_METHODS; do
+    [ "$method" = spul ] && continue
+    for lr in $BASELINE_LRS; do
+      stage "select $method lr $lr" "$SEL_OUT/$method-lr$lr-s$seed" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
+        "${DATA[@]}" --seed "$seed" --unlearn_method "$method" --lr "$lr" --num_epochs "$BASELINE_EPOCHS" \
+        --train_batch_size "$BATCH" "${NO_TEST[@]}" --output_path "$SEL_OUT/$method-lr$lr-s$seed"
+      runs+=("$SEL_OUT/$method-lr$lr-s$seed")
+    done
   done
 done
 UPDATE=()
 [ "$SELECT_METHODS" != "spul $TRAINED_BASELINES" ] && UPDATE=(--update)
-cmd=($PY -m utils.select --reference "$OUT/qlora-s$seed" --runs "${runs[@]}" --max_drop "$MAX_DROP"
+cmd=($PY -m utils.select --reference "${refs[@]}" --runs "${runs[@]}" --max_drop "$MAX_DROP"
      --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT" "${UPDATE[@]}")
 if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
 mkdir -p "$(dirname "$SELECTED_OUT")"

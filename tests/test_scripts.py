@@ -146,6 +146,10 @@ def test_table2_reads_the_selected_settings_and_the_environment_wins(tmp_path):
     assert {a.lr for t, a in parsed if t == "baselines.py"} == {2e-6}
 
 
+def grid_spul(grid):
+    return [a for a in grid if not hasattr(a, "unlearn_method")]
+
+
 def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     parsed = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SEEDS="5")]
     assert parsed[0][0] == "qlora.py" and parsed[-1][0] == "utils.select"
@@ -156,11 +160,16 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert {lr for _, lr in lrs} >= {1e-6, 1e-5, 1e-4}
     assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
     select = parsed[-1][1]
-    assert select.reference.endswith("qlora-s5") and len(select.runs) == len(grid)
+    assert [r[-8:] for r in select.reference] == ["qlora-s5"] and len(select.runs) == len(grid)
     assert not select.update  # the whole selection rewrites the env file
     only_spul = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SEEDS="5", SELECT_METHODS="spul")]
     assert {t for t, _ in only_spul} == {"qlora.py", "spul.py", "utils.select"}
     assert only_spul[-1][1].update  # one method's grid keeps the other methods' lines
+    two = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SELECT_SEEDS="1 2", SELECT_METHODS="spul")]
+    spuls = [a for t, a in two if t == "spul.py"]
+    assert sorted({a.seed for a in spuls}) == [1, 2] and len(spuls) == 2 * len(grid_spul(grid))
+    assert all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spuls)
+    assert [r.rsplit("-", 1)[1] for r in two[-1][1].reference] == ["s1", "s2"]  # one reference per seed
 
 
 def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):

@@ -127,3 +127,24 @@ def test_update_replaces_one_methods_lines_and_keeps_the_others(tmp_path, capsys
     env.write_text("SEL_SEED=2\nSEL_NPO='--lr 1e-06'\n")
     assert select.main(["--reference", str(ref), "--runs", str(a), "--env", str(env), "--update"]) == 2
     assert "SEL_SEED=2" in capsys.readouterr().err and env.read_text() == "SEL_SEED=2\nSEL_NPO='--lr 1e-06'\n"
+
+
+def test_several_seeds_are_judged_on_the_mean_per_setting(tmp_path):
+    def seeded(name, seed, vr, vf, tf, **flags):
+        r = run(tmp_path / f"{name}-s{seed}", "spul", vr, vf, tf, **flags)
+        (r / "config.json").write_text(json.dumps({"seed": seed, **flags}))
+        return r
+    refs = [run(tmp_path / "q1", "qlora", 80.0, 85.0, 98.0), run(tmp_path / "q2", "qlora", 82.0, 85.0, 98.0)]
+    lucky = [seeded("a", 1, 80.0, 10.0, 6.0, lr=3e-3), seeded("a", 2, 70.0, 70.0, 70.0, lr=3e-3)]  # mean 75: out
+    steady = [seeded("b", 1, 78.0, 30.0, 30.0, lr=1e-3), seeded("b", 2, 78.0, 40.0, 40.0, lr=1e-3)]  # mean 78, forget 35
+    # on seed 1 alone the lucky setting wins
+    assert select.select_all(refs[0], [lucky[0], steady[0]])["selected"]["spul"]["run"] == str(lucky[0])
+    out = select.select_all(refs, lucky + steady)
+    chosen = out["selected"]["spul"]
+    assert out["reference_val_retain"] == 81.0 and chosen["val_retain_floor"] == 76.0
+    assert chosen["run"] == str(steady[0]) and chosen["seeds"] == [1, 2] and chosen["constraint_met"]
+    assert chosen["forget_score"] == pytest.approx(35.0) and chosen["val_retain"] == pytest.approx(78.0)
+    assert f"SELRUN_SPUL={steady[0]}" in select.env_lines(out) and "SEL_SEED=1" in select.env_lines(out)
+    # a setting missing a seed is refused in one line
+    with pytest.raises(select.SelectionError, match="different seeds"):
+        select.select_all(refs, lucky + steady[:1])

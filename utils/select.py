@@ -14,6 +14,10 @@ request itself); the test splits are never read (``scripts/select.sh`` runs the 
 A method none of whose runs meets the constraint gets the run with the highest val_retain ACC
 (the setting that damages the model least) and is marked ``"constraint_met": false``.
 
+A grid run on several seeds (``scripts/select.sh``'s ``SELECT_SEEDS``) is judged per setting on
+the mean of each metric over the seeds, against the mean val_retain of the seeds' QLoRA runs;
+the setting's run on the first seed stands for it in the env file (``SELRUN_``, ``SEL_SEED``).
+
     python -m utils.select --reference RUN_QLORA --runs RUN [RUN ...] --json selected.json --env selected.env
 
 ``--best`` pools the runs of every method and prints the one run folder the same criterion picks
@@ -23,6 +27,7 @@ counts as the run it evaluated, and ``--best`` prints that run's folder.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import sys
@@ -84,18 +89,46 @@ def choose(runs: list[dict], reference_val_retain: float, max_drop: float = 5.0)
             "candidates": len(runs)}
 
 
-def select_all(reference: Path, run_dirs, max_drop: float = 5.0) -> dict:
-    ref = read_json(Path(reference) / METRICS)
-    if "val_retain" not in ref:
-        raise SelectionError(f"--reference {reference}: no val_retain metrics")
+def settings(runs: list[dict]) -> list[dict]:
+    """Runs of one method grouped by their flags, one entry per grid setting (in grid order). A
+    setting run on several seeds gets the mean of each metric over its runs, and its first run
+    stands for it (``run``; all of them in ``runs``). Every setting must have run on the same seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(json.dumps(r["flags"], sort_keys=True), []).append(r)
+    seed_sets = {tuple(sorted(str(r["seed"]) for r in g)) for g in groups.values()}
+    for g in groups.values():
+        if len({r["seed"] for r in g}) != len(g):
+            raise SelectionError(f"{g[0]['run']}: two runs of the same setting with the same seed")
+    if len(seed_sets) > 1:
+        raise SelectionError(f"the settings of {runs[0]['method']} ran on different seeds "
+                             f"({' vs '.join(','.join(s) for s in sorted(seed_sets))}); run each setting on every seed")
+    return [{**g[0], **{m: sum(r[m] for r in g) / len(g) for m in READ},
+             "seeds": [r["seed"] for r in g], "runs": [r["run"] for r in g]} for g in groups.values()]
+
+
+def select_all(references, run_dirs, max_drop: float = 5.0) -> dict:
+    """The selection over ``run_dirs``: per method, the criterion on its settings (each the mean over
+    its seeds), the utility bound measured against the mean val_retain of ``references`` (one
+    QLoRA run per seed; a single path is one reference)."""
+    references = [references] if isinstance(references, (str, Path)) else list(references)
+    ref_val = []
+    for reference in references:
+        ref = read_json(Path(reference) / METRICS)
+        if "val_retain" not in ref:
+            raise SelectionError(f"--reference {reference}: no val_retain metrics")
+        ref_val.append(float(ref["val_retain"]["accuracy"]))
     by_method: dict[str, list[dict]] = {}
     for d in run_dirs:
         r = read_run(Path(d))
         by_method.setdefault(r["method"], []).append(r)
-    chosen = {m: choose(rs, float(ref["val_retain"]["accuracy"]), max_drop) for m, rs in by_method.items()}
-    return {"criterion": __doc__.split("\n\n")[1].strip(), "reference": str(reference),
-            "reference_val_retain": float(ref["val_retain"]["accuracy"]), "max_drop": max_drop,
-            "grid": {m: [{k: r[k] for k in ("run", "flags", *READ)} for r in rs] for m, rs in by_method.items()},
+    grid = {m: settings(rs) for m, rs in by_method.items()}
+    reference_val_retain = sum(ref_val) / len(ref_val)
+    chosen = {m: choose(rs, reference_val_retain, max_drop) for m, rs in grid.items()}
+    return {"criterion": __doc__.split("\n\n")[1].strip(),
+            "reference": str(references[0]) if len(references) == 1 else [str(r) for r in references],
+            "reference_val_retain": reference_val_retain, "max_drop": max_drop,
+            "grid": {m: [{k: r[k] for k in ("run", "runs", "seeds", "flags", *READ)} for r in rs] for m, rs in grid.items()},
             "selected": chosen}
 
 
@@ -131,7 +164,9 @@ def updated_env_lines(selection: dict, previous: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reference", required=True, help="the QLoRA run folder the utility constraint is measured against")
+    p.add_argument("--reference", required=True, nargs="+",
+                   help="the QLoRA run folder the utility constraint is measured against; one per seed when the grid "
+                        "ran on several seeds (the bound is then measured against their mean val_retain)")
     p.add_argument("--runs", nargs="+", required=True, help="the grid's run folders (any methods, grouped by the method in each manifest)")
     p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
     p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
@@ -149,7 +184,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.best:
         try:
-            ref = read_json(Path(args.reference) / METRICS)
+            if len(args.reference) != 1:
+                raise SelectionError("--best: give one --reference (the runs' seed)")
+            ref = read_json(Path(args.reference[0]) / METRICS)
             best = choose([read_run(Path(d)) for d in args.runs], float(ref["val_retain"]["accuracy"]), args.max_drop)
         except (SelectionError, FileNotFoundError, KeyError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -157,7 +194,7 @@ def main(argv=None) -> int:
         print(best["trained_run"])
         return 0
     try:
-        selection = select_all(Path(args.reference), args.runs, args.max_drop)
+        selection = select_all(args.reference, args.runs, args.max_drop)
         env = Path(args.env) if args.env else None
         if env and args.update and env.is_file():
             lines = updated_env_lines(selection, env.read_text())
