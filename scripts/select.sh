@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Model selection on validation data: sweep a stated grid per method on one seed (or several), evaluate each
-# run on train_forget, val_retain and val_forget only (the test splits are dropped
+# Model selection on validation data: sweep a stated grid per method on one seed (or several),
+# evaluate each run on train_forget, val_retain and val_forget only (the test splits are dropped
 # at load time and never read), pick one setting per method with utils/select.py's criterion
 # (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
 # val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
@@ -8,8 +8,8 @@
 # (default: spul and the five trained baselines), SELECT_SEED (default: the first of SEEDS),
 # SELECT_SEEDS (default: SELECT_SEED; several seeds run the whole grid on each and judge every
 # setting on its mean, which a recipe as seed-sensitive as SPUL's at CPU scale needs), MAX_DROP,
-# and everything in scripts/common.sh. Finished grid runs are reused, so two invocations with different
-# SELECT_METHODS can run side by side and a last one without it writes the whole selection.
+# and everything in scripts/common.sh. Finished grid runs are reused, so two invocations with
+# different SELECT_METHODS can run side by side and a last one without it writes the whole selection.
 # With SELECT_METHODS other than the default, only those methods' lines of $SELECTED_OUT are
 # replaced (utils.select --update): re-running one method's grid keeps the others' choices.
 #   PROFILE=cpu OUT=runs/main bash scripts/select.sh        # then: bash scripts/main.sh
@@ -19,9 +19,10 @@ source "$(dirname "$0")/common.sh"
 : "${BASELINE_LRS:=1e-6 1e-5 3e-5 1e-4}"
 if [ "$PROFILE" = cpu ]; then
   # the last three: the names in front (--hard_prefix instruction) and one generic label, at
-  # 8 and 6 epochs (6 keeps the main job within 30 minutes)
-  NAMES="--counterfactual_retain 0.5 --hard_prefix instruction --generic_label unknown"
-  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches --counterfactual_retain 0.5;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches $NAMES;--lr 3e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $NAMES;--lr 5e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $NAMES}"
+  # 8 and 6 epochs (6 would cut the main job's SPUL stage by a quarter)
+  NAMES="--hard_prefix instruction --generic_label unknown"
+  CF="--counterfactual_retain 0.5"
+  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 8 --alpha 1 --beta 0.5 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches $CF;--lr 3e-3 --num_epochs 8 --alpha 1 --beta 2 --stratify_batches $CF $NAMES;--lr 3e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $CF $NAMES;--lr 5e-3 --num_epochs 6 --alpha 1 --beta 2 --stratify_batches $CF $NAMES}"
 else
   : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
 fi
