@@ -133,7 +133,7 @@ def main(argv=None):
         print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")
     fixed = prefix_embeddings(model, tokenizer, prefix_text) if prefix_text else None
     prompt_fn = with_hard_prefix(prompt_embeddings, fixed)  # the soft prompt, after the hard prefix if any
-    objective = SpulObjective(prompt_fn, args.alpha, args.beta, reference_cache=cache_reference)
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=cache_reference, fixed_prefix=fixed)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
     try:

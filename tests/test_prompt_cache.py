@@ -104,6 +104,56 @@ def test_spul_objective_with_and_without_cache_agree():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
 
 
+def test_cache_built_after_a_fixed_prefix_equals_the_joined_build(model, prompt):
+    fixed = torch.randn(3, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        joined = PromptCache.build(model, torch.cat([fixed, prompt]))
+        past = PromptCache.build(model, fixed)
+        stacked = PromptCache.build(model, prompt, past=past)
+        want = label_logits(model, padded_batch(), torch.cat([fixed, prompt]))
+        got = label_logits(model, padded_batch(), prompt_cache=stacked)
+    assert stacked.length == joined.length == 3 + P and past.length == 3
+    for (k, v), (k0, v0) in zip(stacked.layers, joined.layers):
+        assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert all(k.size(2) == 3 for k, _ in past.layers)  # building on it left the prefix's cache as it was
+
+
+def test_spul_objective_caches_a_fixed_prefix_once_with_the_joined_loss_and_gradient():
+    peft_model = add_prompt(tiny_llama(V, seed=0), P, 8, seed=3).train()
+    fixed = torch.randn(4, D, generator=torch.Generator().manual_seed(5))
+    batch = padded_batch()
+    out = []
+    joined = SpulObjective(lambda m: torch.cat([fixed, prompt_embeddings(m)]), alpha=1.0, beta=0.5, prompt_cache=False)
+    prepended = SpulObjective(prompt_embeddings, alpha=1.0, beta=0.5, prompt_cache=False, fixed_prefix=fixed)
+    cached = SpulObjective(prompt_embeddings, alpha=1.0, beta=0.5, fixed_prefix=fixed)
+    no_prefix = SpulObjective(prompt_embeddings, alpha=1.0, beta=0.5)
+    for objective in (joined, prepended, cached, cached, no_prefix):
+        loss, terms = objective(peft_model, batch)
+        loss.backward()
+        out.append((terms, [p.grad.clone() for p in trainable_parameters(peft_model)]))
+        peft_model.zero_grad(set_to_none=True)
+    assert cached.prefix_builds == 1 and prepended.prefix_builds == 0  # one build for both steps
+    (t0, g0) = out[0]
+    for t, g in out[1:4]:
+        for name in ("L_f", "L_r", "L_kl", "loss"):
+            assert t[name] == pytest.approx(t0[name], rel=1e-4, abs=1e-6)
+        for a, b in zip(g0, g):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
+    assert out[4][0]["loss"] != pytest.approx(t0["loss"], rel=1e-3)  # the prefix does change the step
+
+
+def test_spul_objective_rebuilds_the_prefix_cache_when_the_model_drops_activations():
+    model = tiny_llama(V, seed=0)
+    peft_model = add_prompt(model, P, 8, seed=3).train()
+    model.model.layers[0].self_attn.attention_dropout = 0.1
+    model.config.attention_dropout = 0.1
+    objective = SpulObjective(prompt_embeddings, alpha=1.0, beta=0.0, fixed_prefix=torch.zeros(2, D))
+    for _ in range(2):
+        objective(peft_model, padded_batch())
+    assert objective.prefix_builds == 2
+
+
 def test_activation_checkpointing_falls_back_to_prepending(prompt):
     model = tiny_llama(V, seed=0).requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -64,18 +64,27 @@ class PromptCache:
         self.config = config
 
     @classmethod
-    def build(cls, model, prompt: torch.Tensor) -> "PromptCache":
-        """One forward of the (p, d) prompt embeddings (batch 1) with ``use_cache=True``."""
+    def build(cls, model, prompt: torch.Tensor, past: "PromptCache | None" = None) -> "PromptCache":
+        """One forward of the (p, d) prompt embeddings (batch 1) with ``use_cache=True``.
+
+        With ``past`` (the cache of q fixed rows that come first, e.g. a hard-text prefix) only
+        the p new rows run, at positions q..q+p-1, attending to ``past``: the result holds all
+        q + p positions, as one build of the joined rows would (same values up to float
+        rounding), and the gradient reaches ``prompt`` only, for p instead of q + p positions."""
         _check_cache_compatible(model)
         embed = unwrap(model).get_input_embeddings()
         prompt = prompt.to(embed.weight.dtype)
         if prompt.dim() == 3:  # (1, p, d)
             prompt = prompt[0]
-        p = prompt.size(0)
-        mask = torch.ones(1, p, dtype=torch.long, device=prompt.device)
-        out = backbone(model)(inputs_embeds=prompt.unsqueeze(0), attention_mask=mask, use_cache=True)
+        p, q = prompt.size(0), (past.length if past is not None else 0)
+        mask = torch.ones(1, q + p, dtype=torch.long, device=prompt.device)
+        extra = {}
+        if past is not None:
+            extra = {"past_key_values": past.for_batch(1),
+                     "position_ids": torch.arange(q, q + p, device=prompt.device).unsqueeze(0)}
+        out = backbone(model)(inputs_embeds=prompt.unsqueeze(0), attention_mask=mask, use_cache=True, **extra)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return cls(layers, p, unwrap(model).config)
+        return cls(layers, q + p, unwrap(model).config)
 
     def for_batch(self, batch_size: int):
         """A fresh ``DynamicCache`` holding the prompt for ``batch_size`` rows."""

@@ -23,6 +23,7 @@ import torch
 from utils import distributed
 from utils.forward import PromptCache, cache_compatible, label_hidden, label_logits, unwrap
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean
+from utils.prompt import join_prefix
 from utils.template import IGNORE
 
 
@@ -116,6 +117,14 @@ class SpulObjective:
     positions in the forward and the backward. It falls back to prepending when the model
     checkpoints activations (which drops caches).
 
+    ``fixed_prefix`` (spul.py ``--hard_prefix``): the (q, d) embeddings of fixed text rows that
+    come before the soft prompt. They attend only to themselves and the model is frozen, so with
+    the prompt cache their keys and values are computed once, without grad, on the first step,
+    and each step runs only the p soft rows after them (``PromptCache.build(past=...)``): the
+    same loss and gradient as prepending the q + p rows, for q fewer positions per step forward
+    and backward. A frozen model with active dropout gets them rebuilt (still without grad) at
+    every step, as the joined build would draw new dropout masks.
+
     With ``reference_cache`` (spul.py's default; off here unless asked) the reference of a
     retain sample is computed on its first visit only and then read back from a
     ``ReferenceHiddenCache``.
@@ -125,9 +134,13 @@ class SpulObjective:
 
     global_counts = True  # utils.training.train: the loss normalises by the step's counts
 
-    def __init__(self, prompt_fn, alpha: float, beta: float, prompt_cache: bool = True, reference_cache: bool = False):
+    def __init__(self, prompt_fn, alpha: float, beta: float, prompt_cache: bool = True, reference_cache: bool = False,
+                 fixed_prefix: torch.Tensor | None = None):
         self.prompt_fn, self.alpha, self.beta = prompt_fn, alpha, beta
         self.prompt_cache = prompt_cache
+        self.fixed_prefix = fixed_prefix
+        self._prefix_cache = None
+        self.prefix_builds = 0
         self.reference_cache = ReferenceHiddenCache() if reference_cache else None
         self.ref_seconds = 0.0
         self.ref_steps = 0
@@ -156,15 +169,28 @@ class SpulObjective:
     def __call__(self, model, batch):
         t0 = time.perf_counter()
         ref = self.reference(model, batch)
-        prompt = self.prompt_fn(model)
+        soft = self.prompt_fn(model)
         if self.prompt_cache and cache_compatible(model) and not _sharded():
-            logits = label_logits(model, batch, prompt_cache=PromptCache.build(model, prompt))
+            cache = PromptCache.build(model, soft, past=self.prefix_cache(model, soft))
+            logits = label_logits(model, batch, prompt_cache=cache)
         else:
+            prompt = soft if self.fixed_prefix is None else join_prefix(self.fixed_prefix, soft)
             logits = label_logits(model, batch, prompt)
         loss, terms = spul_loss(logits, ref, batch, self.alpha, self.beta)
         self.step_seconds += time.perf_counter() - t0  # forward part; backward is in the loop
         self.steps += 1
         return loss, terms
+
+    def prefix_cache(self, model, soft: torch.Tensor) -> PromptCache | None:
+        """The fixed prefix's cache (None without one): built once, or at every step when the
+        frozen model drops activations in training mode."""
+        if self.fixed_prefix is None:
+            return None
+        if self._prefix_cache is None or (model.training and has_dropout(model)):
+            with torch.no_grad():
+                self._prefix_cache = PromptCache.build(model, self.fixed_prefix.to(soft.device, soft.dtype))
+            self.prefix_builds += 1
+        return self._prefix_cache
 
     def cost(self) -> dict:
         """The measured cost of the KL reference."""
