@@ -69,7 +69,7 @@ from utils.models import (
     select_device,
     set_pad_token_id,
 )
-from utils.prompt import add_prompt, prompt_embeddings, trainable_parameters
+from utils.prompt import add_prompt, join_prefix, prompt_embeddings, trainable_parameters
 from utils.qlora_run import label_ce
 from utils.spul_loss import SpulObjective, spul_loss
 from utils.template import Encoder, collate
@@ -97,6 +97,7 @@ def build_parser():
     g = p.add_argument_group("methods")
     g.add_argument("--ptuning_num_tokens", type=int, default=30, help="SPUL: number p of virtual tokens")
     g.add_argument("--ptuning_hidden_size", type=int, default=128, help="SPUL: hidden size of the prompt encoder's MLP")
+    g.add_argument("--prefix_tokens", type=int, default=0, metavar="Q", help="SPUL: also time the step behind Q fixed prefix rows (spul.py --hard_prefix; its instruction on rt is 136 tokens), with the prefix's cache built once and with the prefix joined to the prompt at every step; 0 (default): off")
     g.add_argument("--alpha", type=float, default=1.0, help="SPUL: weight of the retain CE")
     g.add_argument("--beta", type=float, default=0.5, help="SPUL: weight of the KL term (0 skips the reference forward)")
     g.add_argument("--kl_topk", type=int, default=64, help="GA+KL: top-k log-probs kept per label position by the reference store")
@@ -134,6 +135,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.prefix_tokens < 0:
+        raise cli.UsageError(f"--prefix_tokens {args.prefix_tokens}: must be >= 0")
     if args.warmup_steps < 0 or args.kl_topk < 0 or args.alpha < 0 or args.beta < 0 or args.npo_beta <= 0:
         raise cli.UsageError("--warmup_steps, --kl_topk, --alpha, --beta must be >= 0 and --npo_beta > 0")
 
@@ -473,7 +476,28 @@ def spul_trainers(bench: Bench) -> list[Trainer]:
         prepare = (lambda t: fill_reference_cache(bench, t)) if options.get("reference_cache") else None
         rows.append(Trainer(name, model, params, objective, bench.data.generic, adamw(params, LR["spul"]),
                             f"p={args.ptuning_num_tokens}, beta={args.beta:g}, {note}", prepare, lean=lean))
+    if args.prefix_tokens:
+        fixed = prefix_rows(bench, args.prefix_tokens)
+        for name, objective, note in (
+            ("SPUL + prefix, cached once", SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=True, fixed_prefix=fixed),
+             "the prefix's keys/values built once, each step runs the p soft rows after them (spul.py --hard_prefix)"),
+            ("SPUL + prefix, joined per step", SpulObjective(lambda m: join_prefix(fixed, prompt_embeddings(m)), args.alpha, args.beta, reference_cache=True),
+             "the q + p rows built with grad at every step (spul.py --hard_prefix before this option existed)")):
+            rows.append(Trainer(name, model, params, objective, bench.data.generic, adamw(params, LR["spul"]),
+                                f"p={args.ptuning_num_tokens}, q={args.prefix_tokens}, beta={args.beta:g}, {note}",
+                                lambda t: fill_reference_cache(bench, t)))
     return rows
+
+
+def prefix_rows(bench: Bench, q: int) -> torch.Tensor:
+    """(q, d) fixed rows for the prefix variants: the embeddings of the first q token ids of the
+    bench's training rows (what the tokens say does not change the cost)."""
+    ids = [i for f in bench.data.generic for i in f["input_ids"]][:q]
+    if len(ids) < q:
+        raise SystemExit(f"error: --prefix_tokens {q}: the bench's rows hold only {len(ids)} tokens")
+    embed = unwrap(bench.spul_model).get_input_embeddings()
+    with torch.no_grad():
+        return embed(torch.tensor(ids, device=embed.weight.device)).detach()
 
 
 def fill_reference_cache(bench: Bench, t: Trainer) -> dict:

@@ -49,7 +49,7 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     threads = torch.get_num_threads()
     try:
         results = bench.main(["--model_name", tiny_model_dir, *tiny_data_args, "--batch_size", "4", "--quick",
-                              "--threads", "1", "--no_quantize", "--levers", "--out", str(out)])
+                              "--threads", "1", "--no_quantize", "--levers", "--prefix_tokens", "8", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
@@ -73,6 +73,8 @@ def test_bench_smoke_on_tiny_model(tiny_model_dir, tiny_data_args, tmp_path, cap
     plain = saved["training"]["SPUL, without the lean MLP"]
     assert spul["saved_activation_bytes_counted_steps"][0] < plain["saved_activation_bytes_counted_steps"][0]
     assert spul["flops_per_step"] == plain["flops_per_step"]
+    for name in ("SPUL + prefix, cached once", "SPUL + prefix, joined per step"):  # --prefix_tokens
+        assert saved["training"][name]["step_seconds_median"] > 0 and "q=8" in saved["training"][name]["note"]
     mem = saved["memory"]
     assert mem["model_weights_bytes"] > 0 and mem["saved_activation_bytes_max_step"] > 0
     # CPU: the peak is resident-set growth, page-granular and blind to freed pages the allocator
