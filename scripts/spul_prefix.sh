@@ -2,10 +2,10 @@
 # SPUL with the forgotten names in front (ours), trained twice as long: the selected CPU recipe
 # (scripts/selected/) with the instruction_prompt baseline's text as fixed tokens before the
 # soft prompt (--hard_prefix instruction), one generic label for every forget sample
-# (--generic_label unknown, the label the instruction asks for) and 16 epochs. The selection
-# now picks the first two itself (at 8 epochs); they stay here so that this recipe does not
-# depend on the env file. Chosen on validation data (see the README's "SPUL with the names in
-# front"). With the defaults it writes next to the
+# (--generic_label unknown, the label the instruction asks for) and 16 epochs. The two-seed
+# selection now picks all three itself, so today this trains the selected recipe; they stay
+# here so that this recipe does not depend on the env file. Chosen on validation data (see the
+# README's "SPUL with the names in front"). With the defaults it writes next to the
 # main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA stages, adds
 # runs/main/spul-prefix-s42 and reports vanilla, QLoRA and this SPUL in runs/main/spul_prefix.md.
 # The README's three-seed figures: THREADS=1 SEEDS="42 1 2" OUT=runs/prefix bash scripts/spul_prefix.sh
