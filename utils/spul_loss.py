@@ -140,6 +140,7 @@ class SpulObjective:
         self.prompt_cache = prompt_cache
         self.fixed_prefix = fixed_prefix
         self._prefix_cache = None
+        self._prefix_dropout = None
         self.prefix_builds = 0
         self.reference_cache = ReferenceHiddenCache() if reference_cache else None
         self.ref_seconds = 0.0
@@ -186,7 +187,9 @@ class SpulObjective:
         frozen model drops activations in training mode."""
         if self.fixed_prefix is None:
             return None
-        if self._prefix_cache is None or (model.training and has_dropout(model)):
+        if self._prefix_dropout is None:  # the frozen model's modules do not change: look once
+            self._prefix_dropout = has_dropout(model)
+        if self._prefix_cache is None or (model.training and self._prefix_dropout):
             with torch.no_grad():
                 self._prefix_cache = PromptCache.build(model, self.fixed_prefix.to(soft.device, soft.dtype))
             self.prefix_builds += 1
