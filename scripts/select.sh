@@ -16,7 +16,7 @@
 source "$(dirname "$0")/common.sh"
 : "${SELECT_SEED:=${SEEDS%% *}}" "${MAX_DROP:=5}"
 : "${SELECT_METHODS:=spul $TRAINED_BASELINES}"
-: "${BASELINE_LRS:=1e-6 1e-5 3e-5 1e-4}"
+: "${BASELINE_LRS:=1e-6 3e-6 1e-5 3e-5 1e-4}"
 if [ "$PROFILE" = cpu ]; then
   # every config: the names in front (--hard_prefix instruction), one generic label,
   # counterfactual copies of half the forget reviews; the grid is the training length (6, 8, 12,
