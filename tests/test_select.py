@@ -148,3 +148,24 @@ def test_several_seeds_are_judged_on_the_mean_per_setting(tmp_path):
     # a setting missing a seed is refused in one line
     with pytest.raises(select.SelectionError, match="different seeds"):
         select.select_all(refs, lucky + steady[:1])
+
+
+def test_grid_table_lists_every_setting_marks_the_choice_and_the_bound(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    grid = [run(tmp_path / "a", "baseline", 79.0, 60.0, 50.0, method="npo", lr=1e-6),   # score 55, within
+            run(tmp_path / "b", "baseline", 75.5, 30.0, 20.0, method="npo", lr=1e-5),   # score 25, within (75 bound)
+            run(tmp_path / "c", "baseline", 74.0, 5.0, 5.0, method="npo", lr=1e-4)]     # score 5, outside
+    table = select.grid_table(select.select_all(ref, grid)).splitlines()
+    assert table[0].startswith("utility bound: val_retain >= 75.00 (reference 80.00 - 5)")
+    rows = [line for line in table if line.startswith("| npo")]
+    assert rows == ["| npo | --lr 1e-06 | 1 | 50.00 | 79.00 | 60.00 | 55.00 | yes |",
+                    "| npo | --lr 1e-05 **chosen** | 1 | 20.00 | 75.50 | 30.00 | 25.00 | yes |",
+                    "| npo | --lr 0.0001 | 1 | 5.00 | 74.00 | 5.00 | 5.00 | no |"]
+
+
+def test_markdown_flag_writes_the_printed_table(tmp_path, capsys):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    a = run(tmp_path / "a", "baseline", 79.0, 60.0, 50.0, method="npo", lr=1e-6)
+    out = tmp_path / "grid.md"
+    assert select.main(["--reference", str(ref), "--runs", str(a), "--markdown", str(out)]) == 0
+    assert out.read_text() in capsys.readouterr().out and "| npo | --lr 1e-06 **chosen** |" in out.read_text()

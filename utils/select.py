@@ -141,8 +141,7 @@ def env_lines(selection: dict) -> list[str]:
     if len(seeds) == 1 and None not in seeds:
         lines.append(f"SEL_SEED={seeds.pop()}")
     for method, r in selection["selected"].items():
-        flags = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in r["flags"].items())
-        lines.append(f"SEL_{method.upper()}={shlex.quote(flags)}")
+        lines.append(f"SEL_{method.upper()}={shlex.quote(flag_text(r['flags']))}")
         lines.append(f"SELRUN_{method.upper()}={shlex.quote(r['run'])}")
     return lines
 
@@ -162,6 +161,33 @@ def updated_env_lines(selection: dict, previous: str) -> list[str]:
     return new + (old_seed if not new_seed else []) + kept
 
 
+def flag_text(flags: dict) -> str:
+    """The flags of one setting as they go on a command line (``--lr 1e-05 --stratify_batches``)."""
+    return " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in flags.items())
+
+
+def grid_table(selection: dict) -> str:
+    """The whole grid as a markdown table: every setting with its (mean) validation metrics,
+    its forget score, whether it keeps val_retain within the bound, and the choice in bold. What
+    ``scripts/select.sh`` prints and writes next to ``selected.json``."""
+    floor = selection["reference_val_retain"] - selection["max_drop"]
+    lines = [f"utility bound: val_retain >= {floor:.2f} (reference {selection['reference_val_retain']:.2f} - "
+             f"{selection['max_drop']:g}); forget score: mean of train_forget and val_forget (lower forgets more); "
+             "ACC in %, mean over the seeds",
+             "",
+             "| method | setting | seeds | train forget | val retain | val forget | forget score | within bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, rows in selection["grid"].items():
+        chosen = selection["selected"][method]["run"]
+        for r in rows:
+            mark = " **chosen**" if r["run"] == chosen else ""
+            seeds = ", ".join(str(s) for s in r["seeds"])
+            lines.append(f"| {method} | {flag_text(r['flags'])}{mark} | {seeds} | {r['train_forget']:.2f} | "
+                         f"{r['val_retain']:.2f} | {r['val_forget']:.2f} | {forget_score(r):.2f} | "
+                         f"{'yes' if r['val_retain'] >= floor else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, nargs="+",
@@ -170,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="the grid's run folders (any methods, grouped by the method in each manifest)")
     p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
     p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
+    p.add_argument("--markdown", help="write the whole grid as a markdown table here (it is also printed)")
     p.add_argument("--env", help="write SEL_<METHOD>=\"flags\" lines here (sourced by the table recipes)")
     p.add_argument("--update", action="store_true",
                    help="replace only the lines of the methods in --runs in an existing --env file and keep the other "
@@ -203,11 +230,15 @@ def main(argv=None) -> int:
     except (SelectionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    table = grid_table(selection)
+    print(table)
     for method, r in selection["selected"].items():
         mark = "" if r["constraint_met"] else "  (no run keeps val_retain within the bound: least damage)"
         print(f"{method}: {r['flags']}  val_retain {r['val_retain']:.2f}  forget score {r['forget_score']:.2f}{mark}")
     if args.json:
         write_json(Path(args.json), selection)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
     if env:
         env.write_text("\n".join(lines) + "\n")
     return 0
