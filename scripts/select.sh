@@ -63,9 +63,9 @@ done
 UPDATE=()
 [ "$SELECT_METHODS" != "spul $TRAINED_BASELINES" ] && UPDATE=(--update)
 cmd=($PY -m utils.select --reference "${refs[@]}" --runs "${runs[@]}" --max_drop "$MAX_DROP"
-     --json "$SEL_OUT/selected.json" --env "$SELECTED_OUT" "${UPDATE[@]}")
+     --json "$SEL_OUT/selected.json" --markdown "$SEL_OUT/selected.md" --env "$SELECTED_OUT" "${UPDATE[@]}")
 if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
 mkdir -p "$(dirname "$SELECTED_OUT")"
 run_plan  # ONE_PROCESS=1: the planned runs, before the selection reads them
 "${cmd[@]}"
-echo "selection: $SEL_OUT/selected.json; flags for the recipes: $SELECTED_OUT"
+echo "selection: $SEL_OUT/selected.json (the grid as a table: $SEL_OUT/selected.md); flags for the recipes: $SELECTED_OUT"
