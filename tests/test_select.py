@@ -169,3 +169,14 @@ def test_markdown_flag_writes_the_printed_table(tmp_path, capsys):
     out = tmp_path / "grid.md"
     assert select.main(["--reference", str(ref), "--runs", str(a), "--markdown", str(out)]) == 0
     assert out.read_text() in capsys.readouterr().out and "| npo | --lr 1e-06 **chosen** |" in out.read_text()
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    a = run(tmp_path / "a", "baseline", 79.0, 60.0, 50.0, method="npo", lr=1e-6)
+    env = tmp_path / "sel.env"
+    rc = select.main(["--reference", str(ref), "--runs", str(a), "--env", str(env),
+                      "--markdown", str(tmp_path / "nowhere" / "grid.md")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --markdown") and len(err.strip().splitlines()) == 1
+    assert not env.exists()

@@ -220,6 +220,11 @@ def main(argv=None) -> int:
             return 2
         print(best["trained_run"])
         return 0
+    for flag in ("json", "markdown", "env"):  # checked before any run is read, so nothing is half-written
+        path = getattr(args, flag)
+        if path and not Path(path).parent.is_dir():
+            print(f"error: --{flag} {path}: its folder {Path(path).parent} does not exist", file=sys.stderr)
+            return 2
     try:
         selection = select_all(args.reference, args.runs, args.max_drop)
         env = Path(args.env) if args.env else None
