@@ -138,3 +138,77 @@ def test_stratified_batches_hold_the_same_share_of_forget_samples():
     assert max(plain) - min(plain) > 2
     assert epoch_batches(192, 8, 1, 0, strata=strata) == epoch_batches(192, 8, 1, 0, strata=strata)
     assert epoch_batches(192, 8, 1, 0, strata=strata) != epoch_batches(192, 8, 2, 0, strata=strata)
+
+
+def test_weight_average_by_hand():
+    from utils.training import WeightAverage
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    avg = WeightAverage({"w": w}, decay=0.5)
+    with torch.no_grad():
+        w.copy_(torch.tensor([3.0, 4.0]))
+    avg.update(1)  # rate min(0.5, 2/11): the start fades out fast
+    assert torch.allclose(avg.avg["w"], torch.tensor([29 / 11, 40 / 11]))
+    with torch.no_grad():
+        w.copy_(torch.tensor([5.0, 6.0]))
+    avg.update(2)  # rate min(0.5, 3/12) = 0.25
+    assert torch.allclose(avg.avg["w"], torch.tensor([0.25 * 29 / 11 + 3.75, 0.25 * 40 / 11 + 4.5]))
+    assert avg.rate(100) == 0.5  # the decay caps the warmed-up rate
+    avg.copy_to()
+    assert torch.allclose(w.detach(), torch.tensor([0.25 * 29 / 11 + 3.75, 0.25 * 40 / 11 + 4.5]))
+
+
+def test_ema_run_returns_the_average_of_the_plain_run_weights():
+    cfg = dict(lr=1e-2, num_epochs=1, batch_size=5, seed=3)  # 4 steps
+    feats = features()
+    seen = []
+
+    def recording(m, b):  # called at the start of each step: the weights the step starts from
+        seen.append(lora_weights(m))
+        return loss_fn(m, b)
+
+    torch.manual_seed(5)
+    plain = make_model()
+    stats = train(plain, plain.parameters(), recording, feats, TrainConfig(**cfg), "cpu", 0)
+    trajectory = seen + [lora_weights(plain)]  # w_0 .. w_4
+    assert stats.steps == 4 and stats.ema_decay == 0.0
+
+    torch.manual_seed(5)
+    averaged = make_model()
+    ema_stats = train(averaged, averaged.parameters(), loss_fn, feats, TrainConfig(**cfg, ema_decay=0.3), "cpu", 0)
+    assert [l[1] for l in ema_stats.losses] == [l[1] for l in stats.losses]  # same trajectory
+    want = {n: t.float().clone() for n, t in trajectory[0].items()}
+    for t in range(1, 5):
+        r = min(0.3, (1 + t) / (10 + t))
+        want = {n: r * want[n] + (1 - r) * trajectory[t][n] for n in want}
+    got = lora_weights(averaged)
+    assert ema_stats.ema_decay == 0.3
+    assert all(torch.allclose(got[n], want[n], atol=1e-7) for n in want)
+    assert any(not torch.allclose(got[n], trajectory[4][n]) for n in want)  # not the last weights
+
+
+def test_resume_with_a_weight_average_is_exact(tmp_path):
+    cfg = dict(lr=1e-2, num_epochs=2, batch_size=4, warmup_ratio=0.1, seed=3, ema_decay=0.6)  # 10 steps
+    feats = features()
+    torch.manual_seed(5)
+    ref_model = make_model()
+    train(ref_model, ref_model.parameters(), loss_fn, feats, TrainConfig(**cfg), "cpu", 0)
+
+    torch.manual_seed(5)
+    model = make_model()
+    calls = {"n": 0}
+
+    def dying(m, b):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise Interrupt
+        return loss_fn(m, b)
+
+    ck = dict(checkpoint_dir=str(tmp_path / "ck"), save_every=3)
+    with pytest.raises(Interrupt):
+        train(model, model.parameters(), dying, feats, TrainConfig(**cfg, **ck), "cpu", 0)
+    torch.manual_seed(123)
+    resumed = make_model()
+    train(resumed, resumed.parameters(), loss_fn, feats, TrainConfig(**cfg, **ck, resume=True), "cpu", 0)
+    want, got = lora_weights(ref_model), lora_weights(resumed)
+    assert all(torch.equal(want[k], got[k]) for k in want)

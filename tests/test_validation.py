@@ -212,6 +212,8 @@ def test_model_name_neither_local_nor_reachable(entry, data, tmp_path, capsys):
     ("spul", "--save_every", "-5", "must be >= 0"),
     ("baselines", "--save_every", "-1", "must be >= 0"),
     ("spul", "--group_by_length", "-1", "must be >= 0"),
+    ("spul", "--ema_decay", "1", "must be in [0, 1)"),
+    ("qlora", "--ema_decay", "-0.5", "must be in [0, 1)"),
     ("qlora", "--lora_rank", "0", "--lora_rank must be >= 1"),
     ("spul", "--ptuning_hidden_size", "0", "must be at least 1"),
     ("baselines", "--npo_beta", "0", "must be positive"),

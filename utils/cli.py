@@ -88,6 +88,11 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
                    help="every batch holds the same share of forget samples (within two samples, nearly always one) instead of a share that varies "
                         "from batch to batch; the loss terms are means over their own samples, so this evens out the "
                         "weight each forget sample gets from step to step")
+    g.add_argument("--ema_decay", type=float, default=0.0, metavar="D",
+                   help="keep an exponential moving average of the trainable weights (decay D per optimiser step, "
+                        "warmed up as min(D, (1+t)/(10+t)) at step t) and save and evaluate the average instead of "
+                        "the last step's weights (ours: smooths the end of a noisy trajectory); 0: off, the last "
+                        "weights (the paper)")
     g.add_argument("--save_every", type=int, default=save_every,
                    help="save a resumable checkpoint (trainable weights, optimizer, scheduler, RNG, progress) every N "
                         "optimiser steps into the hidden folder .<output name>.ckpt next to the run folder, removed "
@@ -142,6 +147,8 @@ def check_common(args) -> None:
     set_threads(args)
     if getattr(args, "save_every", 0) < 0:
         raise UsageError(f"--save_every {args.save_every}: must be >= 0 (0: no checkpoints)")
+    if not 0 <= getattr(args, "ema_decay", 0.0) < 1:
+        raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1) (0: off)")
     if getattr(args, "gradient_accumulation_steps", 1) < 1:
         raise UsageError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be at least 1")
     if getattr(args, "report_to", "none") != "none":
@@ -308,6 +315,7 @@ def check_resume(args, out, splits) -> dict:
     return {"checkpoint_dir": str(folder), "save_every": args.save_every, "resume": args.resume, "fingerprint": fingerprint,
             "group_by_length": getattr(args, "group_by_length", 0), "stratify_batches": getattr(args, "stratify_batches", False),
             "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1),
+            "ema_decay": getattr(args, "ema_decay", 0.0),
             "mixed_precision": getattr(args, "mixed_precision", "no"),
             "gradient_checkpointing": getattr(args, "gradient_checkpointing", False),
             **tracker_fields(args, out)}

@@ -87,6 +87,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimiser step
     mixed_precision: str = "no"  # "auto" (bf16 on CUDA where supported, else fp16; no on CPU), "no", "bf16", "fp16"
     gradient_checkpointing: bool = False  # activation checkpointing (CUDA only; ignored on CPU)
+    ema_decay: float = 0.0  # >0: train, save and evaluate an exponential moving average of the weights (WeightAverage)
     lean_mlp: bool = True  # SwiGLU MLPs save 2 tensors for the backward, not 3 (utils.lean_mlp; bit-identical)
     report_to: str = "none"  # experiment tracker (utils.trackers): "none", "tensorboard", "wandb"
     tracker_dir: str | None = None  # where the tracker writes (utils.trackers.default_tracker_dir)
@@ -107,6 +108,7 @@ class TrainStats:
     processes: int = 1  # data-parallel processes (utils.distributed)
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
     mixed_precision: str = "no"  # what "auto" resolved to, or the value asked for
+    ema_decay: float = 0.0  # >0: the weights returned are the moving average (WeightAverage)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -163,6 +165,45 @@ def _named(model, params) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
+class WeightAverage:
+    """Exponential moving average of the trainable weights (``--ema_decay``): after optimiser
+    step t (1, 2, ...) each average ``a`` becomes ``r * a + (1 - r) * w`` with
+    ``r = min(decay, (1 + t) / (10 + t))``, so that the first steps, far from where training
+    ends, fade out quickly. Kept in float32 beside the weights; ``copy_to`` writes it into them
+    once training ends. The averaged run is a different run: its checkpoints carry the average
+    (``ema.<name>`` in ``trainable.safetensors``), and ``--resume`` restores it exactly."""
+
+    PREFIX = "ema."
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.params = named
+        self.avg = {n: p.detach().float().clone() for n, p in named.items()}
+
+    def rate(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        r = self.rate(step)
+        for n, p in self.params.items():
+            self.avg[n].mul_(r).add_(p.detach().float(), alpha=1 - r)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for n, p in self.params.items():
+            p.copy_(self.avg[n].to(p.dtype))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {self.PREFIX + n: a.cpu().contiguous() for n, a in self.avg.items()}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from a checkpoint's tensors; where it holds no average, from the weights."""
+        for n, p in self.params.items():
+            self.avg[n].copy_(tensors.get(self.PREFIX + n, p.detach()).to(self.avg[n].device, torch.float32))
+
+
 def checkpoint_path(folder: Path) -> Path | None:
     """The complete checkpoint in ``folder`` (``last/``, or ``.last.old/`` when a save was cut
     off between its two renames), or None."""
@@ -182,7 +223,8 @@ def read_checkpoint_info(folder: Path) -> dict | None:
     return {"steps": state["stats"]["steps"], "fingerprint": state.get("fingerprint"), "path": str(path)}
 
 
-def save_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "TrainStats", fingerprint=None) -> None:
+def save_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "TrainStats", fingerprint=None,
+                    average: WeightAverage | None = None) -> None:
     """Trainable weights (``trainable.safetensors``), optimizer tensors and RNG states
     (``optimizer.safetensors``), optimizer hyper-parameters, scheduler, progress and the run's
     fingerprint (``state.json``): safetensors and JSON only, nothing pickled. Written to a
@@ -193,7 +235,8 @@ def save_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "T
     tmp = folder / f".{CKPT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in _named(model, params).items()}, tmp / "trainable.safetensors")
+    weights = {n: p.detach().cpu().contiguous() for n, p in _named(model, params).items()}
+    save_file({**weights, **(average.state() if average is not None else {})}, tmp / "trainable.safetensors")
     opt = optimizer.state_dict()
     tensors, other = {}, {}
     for i, entry in opt["state"].items():
@@ -223,7 +266,8 @@ def save_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "T
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "TrainStats") -> bool:
+def load_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "TrainStats",
+                    average: WeightAverage | None = None) -> bool:
     """Restore a checkpoint written by ``save_checkpoint``; False if there is none."""
     from safetensors.torch import load_file
 
@@ -234,6 +278,8 @@ def load_checkpoint(folder: Path, model, params, optimizer, scheduler, stats: "T
     with torch.no_grad():
         for n, p in _named(model, params).items():
             p.copy_(weights[n].to(p.device, p.dtype))
+    if average is not None:
+        average.load(weights)
     state = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(path / "optimizer.safetensors")
     opt_state: dict[int, dict] = {}
@@ -428,18 +474,21 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if kind in ("FSDP", "DEEPSPEED") and ckpt_dir is not None and (cfg.save_every or cfg.resume):
         raise LaunchError(f"--save_every/--resume: checkpoints are not supported under {kind} (the weights are sharded); pass --save_every 0")
+    if kind in ("FSDP", "DEEPSPEED") and cfg.ema_decay:
+        raise LaunchError(f"--ema_decay: the weight average is not supported under {kind} (the weights are sharded); pass --ema_decay 0")
     check_sharding(accelerator, kind)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, device, main_rank)
     uses_counts = bool(getattr(loss_fn, "global_counts", False))
     stats = TrainStats(trainable_params=sum(p.numel() for p in params), processes=world,
-                       gradient_accumulation_steps=accum, mixed_precision=precision)
+                       gradient_accumulation_steps=accum, mixed_precision=precision, ema_decay=cfg.ema_decay)
+    average = WeightAverage(_named(model, params), cfg.ema_decay) if cfg.ema_decay else None
     step_size = cfg.batch_size * accum
     per_epoch = math.ceil(len(features) / step_size)
     total = max(1, math.ceil(per_epoch * cfg.num_epochs))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    if cfg.resume and ckpt_dir is not None and load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats):
+    if cfg.resume and ckpt_dir is not None and load_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, average):
         stats.processes, stats.gradient_accumulation_steps, stats.mixed_precision = world, accum, precision
         if main_rank:
             print(f"{desc}: resumed from {ckpt_dir} at step {stats.steps}/{total}")
@@ -475,6 +524,8 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
                     scheduler.step()
                 step_optimizer.zero_grad(set_to_none=True)
                 stats.steps += 1
+                if average is not None:
+                    average.update(stats.steps)
                 stats.train_tokens += tokens
                 if stats.steps % cfg.log_every == 0 or stats.steps == total:
                     stats.losses.append((stats.steps, loss, terms))
@@ -482,7 +533,7 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
                 bar.update(1)
                 if ckpt_dir is not None and cfg.save_every and stats.steps % cfg.save_every == 0 and stats.steps < total and main_rank:
-                    save_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, cfg.fingerprint)
+                    save_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, cfg.fingerprint, average)
             stats.epoch_seconds.append(time.perf_counter() - t0)
             epoch, skip = epoch + 1, 0
         if kind == "FSDP":
@@ -491,6 +542,8 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
         bar.close()
         accelerator.free_memory()  # drop the DDP wrapper (its gradient hooks) and the prepared optimizer
         del step_module, step_optimizer
+    if average is not None:
+        average.copy_to()  # the run's weights from here on: saved and evaluated by the caller
     elapsed = time.perf_counter() - t_all
     stats.tokens_per_second = stats.train_tokens / max(elapsed, 1e-9)
     stats.peak_memory_mb = peak_memory_mb(device)
