@@ -83,19 +83,35 @@ DATA+=($CAPS)
 # metrics.json; RUN_DIR may instead name the .json file that marks the stage as finished).
 # ONE_PROCESS=1: the stage joins a plan instead, and the plan runs in one python process
 # (utils/stages.py: the libraries load once) before the report, or when the recipe ends.
+# A finished stage's command is recorded beside its folder (.<folder>.cmd), and a later run of a
+# recipe reuses the folder only for the same command: a changed flag, selection, seed or thread
+# count stops the recipe before anything runs, instead of reporting the old run's numbers under
+# the new settings. Folders without a record (made before the records existed) are reused.
 ONE_PROCESS=${ONE_PROCESS:-0}
 PLAN=""
+PLANNED_DIRS=() PLANNED_CMDS=()
 stage() {
   local name=$1 dir=$2; shift 2
-  local done=$dir/metrics.json
-  [[ $dir == *.json ]] && done=$dir
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$*"; return; fi
-  if [ -f "$done" ]; then echo "[$name] reusing ${dir%/*.json}"; return; fi
-  if [ "$ONE_PROCESS" = 1 ]; then plan_stage "$name" "$dir" "$@"; return; fi
+  if [ -f "$(done_marker "$dir")" ]; then check_reuse "$name" "$dir" "$*"; echo "[$name] reusing ${dir%/*.json}"; return; fi
+  if [ "$ONE_PROCESS" = 1 ]; then plan_stage "$name" "$dir" "$@"; PLANNED_DIRS+=("$dir"); PLANNED_CMDS+=("$*"); return; fi
   echo "[$name] $(date +%H:%M:%S) $*"
   local t0=$SECONDS
   "$@" || { echo "error: stage '$name' failed (command above); later stages not run" >&2; exit 1; }
+  record_stage "$dir" "$*"
   echo "[$name] done in $((SECONDS - t0)) s"
+}
+
+done_marker() { if [[ $1 == *.json ]]; then printf '%s' "$1"; else printf '%s/metrics.json' "$1"; fi; }
+stage_record() { local t=${1%/*.json}; printf '%s/.%s.cmd' "$(dirname "$t")" "$(basename "$t")"; }
+record_stage() { [ -f "$(done_marker "$1")" ] && printf '%s\n' "$2" > "$(stage_record "$1")"; return 0; }  # DIR CMD
+
+check_reuse() {  # NAME DIR CMD: a finished folder is reused only by the command that made it
+  local rec; rec=$(stage_record "$2")
+  if [ -f "$rec" ] && [ "$(cat "$rec")" != "$3" ]; then
+    echo "error: stage '$1': ${2%/*.json} was made by another command (recorded in $rec); delete it to rerun with the current settings, or set another OUT" >&2
+    exit 2
+  fi
 }
 
 plan_stage() {  # one record of the plan: NAME, RUN_DIR, CMD..., each followed by a NUL, then a newline
@@ -109,8 +125,11 @@ plan_stage() {  # one record of the plan: NAME, RUN_DIR, CMD..., each followed b
 
 run_plan() {  # run the planned stages (ONE_PROCESS=1) and empty the plan; a no-op without one
   [ -n "$PLAN" ] && [ -s "$PLAN" ] || return 0
-  local plan=$PLAN
-  $PY -m utils.stages "$plan" || { rm -f "$plan"; PLAN=""; exit 1; }
+  local plan=$PLAN status=0 i
+  $PY -m utils.stages "$plan" || status=$?
+  for i in "${!PLANNED_DIRS[@]}"; do record_stage "${PLANNED_DIRS[$i]}" "${PLANNED_CMDS[$i]}"; done  # those that finished
+  PLANNED_DIRS=() PLANNED_CMDS=()
+  [ "$status" = 0 ] || { rm -f "$plan"; PLAN=""; exit 1; }
   : > "$plan"
 }
 

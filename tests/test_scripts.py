@@ -186,3 +186,38 @@ def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):
     # a setting from the environment overrides the selection: nothing is reused
     parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7", SELECTED=str(sel), BETA="1")]
     assert [a.seed for t, a in parsed if t == "spul.py"] == [7]
+
+
+def test_a_finished_stage_is_reused_only_by_the_command_that_made_it(tmp_path):
+    out = tmp_path / "out"
+    first = " ".join(dry_run("table2.sh", PROFILE="cpu", OUT=str(out), PY="false")[0])  # the vanilla s42 stage
+    (out / "vanilla-s42").mkdir(parents=True)
+    (out / "vanilla-s42" / "metrics.json").write_text("{}")
+    record = out / ".vanilla-s42.cmd"
+    env = {**os.environ, "PY": "false", "OUT": str(out), "PROFILE": "cpu"}
+
+    def table2(**extra):
+        return subprocess.run(["bash", str(REPO / "scripts" / "table2.sh")], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=REPO, timeout=60)
+
+    record.write_text(first + "\n")  # the same command: reused, the next stage runs (and fails: PY=false)
+    res = table2()
+    assert "[vanilla s42] reusing" in res.stdout and "stage 'vanilla-generate s42' failed" in res.stderr
+    res = table2(THREADS="3")  # another thread count: another command
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert f"stage 'vanilla s42': {out / 'vanilla-s42'} was made by another command (recorded in {record})" in res.stderr
+    assert "reusing" not in res.stdout and "vanilla-generate" not in res.stdout + res.stderr  # nothing ran
+    record.unlink()  # a folder without a record (made before the records): reused
+    assert "[vanilla s42] reusing" in table2(THREADS="3").stdout
+
+
+def test_a_stage_that_finishes_records_its_command(tmp_path):
+    out = tmp_path / "out"
+    fake = tmp_path / "fakepy"  # a stand-in interpreter that writes the run folder it is asked for
+    fake.write_text('#!/usr/bin/env bash\nfor a; do [ "$prev" = --output_path ] && mkdir -p "$a" && echo "{}" > "$a/metrics.json"; prev=$a; done\n')
+    fake.chmod(0o755)
+    cmds = [" ".join(c) for c in dry_run("table2.sh", PROFILE="cpu", OUT=str(out), PY=str(fake))]
+    res = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh")], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "PY": str(fake), "OUT": str(out), "PROFILE": "cpu"})
+    assert (out / ".vanilla-s42.cmd").read_text() == cmds[0] + "\n"
+    assert (out / ".qlora-s42.cmd").read_text() == next(c for c in cmds if "qlora.py" in c and "--retain_only" not in c) + "\n"

@@ -98,3 +98,17 @@ def test_table2_with_one_process_stops_at_the_first_failing_stage(tmp_path):
     assert "[vanilla s42] reusing" in res.stdout and "[qlora s42]" in res.stdout
     assert "no-such-model" in res.stderr and "stage 'qlora s42' failed (command above); later stages not run" in res.stderr
     assert "[retrain s42]" not in res.stdout and sorted(p.name for p in out.iterdir()) == ["vanilla-generate-s42", "vanilla-s42"]
+
+
+def test_one_process_records_the_command_of_each_stage_that_finished(tmp_path, tiny_model_dir, tiny_data_args):
+    import shlex
+
+    ok = ("eval", str(tmp_path / "eval"), sys.executable, "inference_spul.py", "--model_name", tiny_model_dir, *tiny_data_args,
+          "--threads", "1", "--output_path", str(tmp_path / "eval"))
+    bad = ("bad", str(tmp_path / "bad"), sys.executable, "spul.py", "--alpha", "-1", "--output_path", str(tmp_path / "bad"))
+    calls = "\n".join("stage " + " ".join(shlex.quote(a) for a in rec) for rec in (ok, bad))
+    res = subprocess.run(["bash", "-c", f"source scripts/common.sh\n{calls}\nrun_plan\n"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PROFILE": "cpu", "ONE_PROCESS": "1", "PY": sys.executable})
+    assert res.returncode == 1 and "stage 'bad' failed" in res.stderr
+    assert (tmp_path / ".eval.cmd").read_text() == " ".join(ok[2:]) + "\n"  # what common.sh's check_reuse compares
+    assert not (tmp_path / ".bad.cmd").exists() and not (tmp_path / "bad").exists()
