@@ -109,6 +109,18 @@ def test_hard_prefix_is_carried_when_given_and_dropped_at_its_default(tmp_path):
     assert "SEL_SPUL='--lr 0.003 --hard_prefix instruction'" in select.env_lines(out)
 
 
+def test_a_weight_average_is_a_setting_of_its_own_and_its_default_is_dropped(tmp_path):
+    ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
+    old = run(tmp_path / "o", "spul", 78.0, 30.0, 30.0, lr=3e-3)  # a run from before the flag existed
+    last = run(tmp_path / "l", "spul", 78.0, 20.0, 20.0, lr=3e-3, ema_decay=0.0)
+    averaged = run(tmp_path / "a", "spul", 79.0, 10.0, 10.0, lr=3e-3, ema_decay=0.99)
+    with pytest.raises(select.SelectionError, match="two runs of the same setting"):
+        select.select_all(ref, [old, last])  # 0 is "not given": the same setting
+    out = select.select_all(ref, [last, averaged])
+    assert [r["flags"] for r in out["grid"]["spul"]] == [{"lr": 3e-3}, {"lr": 3e-3, "ema_decay": 0.99}]
+    assert "SEL_SPUL='--lr 0.003 --ema_decay 0.99'" in select.env_lines(out)
+
+
 def test_update_replaces_one_methods_lines_and_keeps_the_others(tmp_path, capsys):
     ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
     env = tmp_path / "s.env"
