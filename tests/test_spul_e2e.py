@@ -193,6 +193,21 @@ def test_same_command_same_threads_gives_bit_identical_metrics(runs, data_args, 
                                                            "test_retain", "test_forget"}
 
 
+def test_one_and_two_threads_give_the_same_run(runs, data_args, tmp_path):
+    """The thread count is recorded, but the result does not depend on it: --threads 1 and
+    --threads 2 write byte-identical metrics and prompt weights (utils.invariant)."""
+    argv = ["--model_checkpoints", str(runs / "qlora"), "--beta", "2"] + SPUL_ARGS + data_args
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            spul.main(argv + ["--threads", str(n), "--output_path", str(tmp_path / f"t{n}")])
+    finally:
+        torch.set_num_threads(before)
+    assert read(tmp_path / "t2" / "config.json")["threads"] == 2
+    for name in ("metrics.json", "prompt/adapter_model.safetensors"):
+        assert (tmp_path / "t1" / name).read_bytes() == (tmp_path / "t2" / name).read_bytes(), name
+
+
 def test_validation_splits_are_the_same_for_every_stage_and_never_trained_on(runs):
     """qlora.py and spul.py (same data flags, same --data_seed) hold the same val_retain and
     val_forget, recorded in their manifests, and those rows are in no training split."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.invariant import linear_one_thread
+
 
 def unwrap(model):
     """The causal LM inside a PEFT wrapper (LoRA layers stay injected), or the model itself."""
@@ -138,8 +140,13 @@ def label_hidden(model, batch, prompt=None, prompt_cache: PromptCache | None = N
 
 def label_logits(model, batch, prompt=None, prompt_cache: PromptCache | None = None) -> torch.Tensor:
     """Logits (B, K, V) over the whole vocabulary at the label-predicting positions, in fp32."""
-    head = unwrap(model).get_output_embeddings()
-    return head(label_hidden(model, batch, prompt, prompt_cache)).float()
+    return head_logits(model, label_hidden(model, batch, prompt, prompt_cache))
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on ``hidden`` (..., d), in fp32: thread-count invariant on CPU
+    (``utils.invariant``), since it runs on a few rows at a time."""
+    return linear_one_thread(unwrap(model).get_output_embeddings(), hidden).float()
 
 
 def full_logits_at_labels(model, batch, prompt=None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from utils import distributed
 from utils.data import EVAL_SPLITS, encode_frame
 from utils.evaluation import filter_hits, label_token_ids, length_batches
-from utils.forward import PromptCache, backbone, unwrap
+from utils.forward import PromptCache, backbone, head_logits, unwrap
 from utils.metrics import OTHER, classification_metrics
 
 MAX_NEW_TOKENS = 5  # the release's inference_vanilla.py
@@ -86,7 +86,6 @@ def greedy_decode(model, rows, pad_id, device, max_new_tokens=MAX_NEW_TOKENS, pr
     any lengths), in one batch. Returns the new tokens of each row, cut before its first stop
     token, and the fp32 logits (B, V) that chose the first new token. Decoding ends early once
     every row has produced a stop token; what comes after one is never returned."""
-    head = unwrap(model).get_output_embeddings()
     ids, mask, lengths = right_pad(rows, pad_id, device)
     B, L = ids.shape
     p = prompt_cache.length if prompt_cache is not None else 0
@@ -94,7 +93,7 @@ def greedy_decode(model, rows, pad_id, device, max_new_tokens=MAX_NEW_TOKENS, pr
     mask = torch.cat([mask.new_ones(B, p), mask], dim=1)
     positions = torch.arange(p, p + L, device=ids.device).unsqueeze(0).expand(B, -1)
     hidden, cache = _forward(model, ids, mask, positions, cache)
-    logits = head(hidden[torch.arange(B, device=ids.device), lengths - 1]).float()
+    logits = head_logits(model, hidden[torch.arange(B, device=ids.device), lengths - 1])
     first_logits = logits
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     new, done = [], torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -106,7 +105,7 @@ def greedy_decode(model, rows, pad_id, device, max_new_tokens=MAX_NEW_TOKENS, pr
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         hidden, cache = _forward(model, token[:, None], mask, (p + lengths + t)[:, None], cache)
-        logits = head(hidden[:, -1]).float()
+        logits = head_logits(model, hidden[:, -1])
     tokens = torch.stack(new, dim=1).tolist()
     return [_until_stop(row, set(stop_ids)) for row in tokens], first_logits
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from utils import distributed
-from utils.forward import PromptCache, cache_compatible, label_hidden, label_logits, unwrap
+from utils.forward import PromptCache, cache_compatible, head_logits, label_hidden, label_logits, unwrap
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean
 from utils.prompt import join_prefix
 from utils.template import IGNORE
@@ -156,8 +156,7 @@ class SpulObjective:
         t0 = time.perf_counter()
         with torch.no_grad():
             if self.reference_cache is not None:
-                head = unwrap(model).get_output_embeddings()
-                sub = head(self.reference_cache.hidden(model, select_rows(batch, retain))).float()
+                sub = head_logits(model, self.reference_cache.hidden(model, select_rows(batch, retain)))
             else:
                 sub = label_logits(model, select_rows(batch, retain), prompt=None)
         ref = sub.new_zeros(retain.size(0), *sub.shape[1:])  # forget rows: never read
