@@ -50,8 +50,9 @@ def kl_per_sample(ref_logits: torch.Tensor, logits: torch.Tensor, label_ids: tor
     over the sample's label tokens, (B,). ``ref_logits`` carries no gradient."""
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     cur_logp = F.log_softmax(logits.float(), dim=-1)
+    terms = ref_logp.exp() * (ref_logp - cur_logp)  # element-wise: the same bits at any thread count
     with one_thread():  # one row's sum over the vocabulary is split between threads otherwise
-        kl = (ref_logp.exp() * (ref_logp - cur_logp)).sum(-1)
+        kl = terms.sum(-1)
     return _per_sample(kl, label_ids)
 
 
