@@ -12,6 +12,7 @@ import qlora
 import spul
 from tests.conftest import TINY_DATA_ARGS
 from tests.tiny import save_tiny_model
+from utils.invariant import strict_blas
 
 SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
@@ -187,6 +188,7 @@ def test_same_command_same_threads_gives_bit_identical_metrics(runs, data_args, 
     assert read(tmp_path / "a" / "config.json")["threads"] == 1
     manifest = read(tmp_path / "a" / "manifest.json")
     assert manifest["threads"] == 1 and manifest["data_seed"] == 0
+    assert manifest["blas"] == strict_blas()  # MKL's mode (utils.invariant), recorded beside the thread count
     prompt = load_file(tmp_path / "a" / "prompt" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.allclose(prompt.norm(dim=-1), torch.full((prompt.size(0),), manifest["prompt"]["row_norm"]), rtol=1e-4)
     assert set(read(tmp_path / "a" / "metrics.json")) == {"train_retain", "train_forget", "val_retain", "val_forget",

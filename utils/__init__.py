@@ -12,3 +12,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # 5.x deprecates with a FutureWarning on every wrap (every qlora.py and spul.py run). Not ours to
 # act on; the message is filtered by its exact text so that any other warning still shows.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# MKL's strict reproducibility mode, before any matrix product runs: the same bits at every
+# --threads (utils/invariant.py). Set here because MKL fixes its mode at its first call.
+from utils.invariant import strict_blas  # noqa: E402
+
+strict_blas()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from utils.invariant import linear_one_thread
-
 
 def unwrap(model):
     """The causal LM inside a PEFT wrapper (LoRA layers stay injected), or the model itself."""
@@ -144,9 +142,8 @@ def label_logits(model, batch, prompt=None, prompt_cache: PromptCache | None = N
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The output layer on ``hidden`` (..., d), in fp32: thread-count invariant on CPU
-    (``utils.invariant``), since it runs on a few rows at a time."""
-    return linear_one_thread(unwrap(model).get_output_embeddings(), hidden).float()
+    """The output layer on ``hidden`` (..., d), in fp32."""
+    return unwrap(model).get_output_embeddings()(hidden).float()
 
 
 def full_logits_at_labels(model, batch, prompt=None) -> torch.Tensor:

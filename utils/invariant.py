@@ -1,29 +1,97 @@
 """CPU results that do not depend on the thread count (``--threads``).
 
-On CPU, most of a training step gives bit-identical results whatever ``torch.set_num_threads``
-says: the work is split between threads along output rows, and each output element is summed in
-the same order. Two kinds of op are the exception, measured on SmolLM2-135M (torch 2.13, MKL):
+On CPU most of a training step is thread-count invariant already: torch splits element-wise ops,
+norms, softmax and attention between threads along output rows, and each output element is
+computed in the same order whatever the count. Measured exceptions on SmolLM2-135M (torch 2.13,
+MKL 2024.2, a SPUL step with the selected flags), each fixed here:
 
-- the output layer at the label positions, a matmul with only a few rows (B*K, the batch's
-  label tokens: 5 or 6 for the retain rows of a SPUL step's reference) against the whole
-  vocabulary: MKL blocks it differently at 1 and 2 threads (logits differ by ~1e-6 relative),
-  in the forward and in the backward;
-- a sum over the vocabulary that leaves a single value (the KL of a batch with one row): torch
-  splits the reduction itself between the threads.
+- matrix products (MKL's sgemm: every linear layer, forward and backward). In its default mode
+  MKL picks its blocking, for some shapes including how it splits the inner dimension, from the
+  thread count: the output layer on a step's 5 or 6 retain rows and the MLP's input gradient on
+  the 30 soft-prompt rows differed in the last bits between 1 and 2 threads. MKL's strict
+  conditional-numerical-reproducibility mode (``MKL_CBWR=AUTO,STRICT``) gives gemm the same bits
+  at any thread count (Intel's documentation; checked here on those shapes). ``strict_blas``
+  turns it on. MKL fixes its mode at its first call, so ``utils/__init__.py`` calls it when the
+  package is imported.
+- a sum that leaves a single value over many elements (one row's KL over the vocabulary): torch
+  splits that reduction itself between threads. ``one_thread`` runs such a block on one thread.
+- the no-grad forwards of a SPUL run (the KL reference on a batch's retain rows, the hard
+  prefix's key/value cache): at 2 threads, in strict mode, the first reference forward of a
+  training run gave other bits than the same forward later in the same process (memory-state
+  dependent; which op, not found). ``utils.spul_loss`` runs them on one thread; with the
+  reference cache that is the first epoch's reference only.
 
 A difference in the last bit is enough: a SPUL run is chaotic at CPU scale (docs), so the same
-command at 1 and at 2 threads ended 17 points of val forget apart. ``one_thread`` runs a block on
-one thread, and ``linear_one_thread`` is ``F.linear`` with its forward and backward each run
-that way; both are no-ops at one thread (the results there are the ones before this module) and
-on GPU. Measured cost at 2 threads: a SPUL step 3.25 s against 2.95 s without (+10%, an A/B
-of 6 steps), more than the few rows' arithmetic explains; not yet investigated.
+command at 1 and at 2 threads ended up to 17 points of val forget apart. What is checked is end
+to end: the same ``spul.py`` command at 1 and 2 threads writes byte-identical metrics and prompt
+(tests, and the runs in the docs). Strict mode keeps MKL's own choice of code path for the CPU
+(``AUTO``), so another CPU model may still give other bits. A user who sets ``MKL_CBWR`` in the
+environment keeps that setting (``MKL_CBWR=AVX2,STRICT`` pins the code path too; measured 1.5x
+slower per SPUL step on an AVX-512 Xeon). GPU runs are untouched.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 
 import torch
-import torch.nn.functional as F
+
+_STRICT = 0x10000  # MKL_CBWR_STRICT (mkl_cbwr.h)
+_AUTO = 2  # MKL_CBWR_AUTO
+_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",
+             10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+_ALL, _BRANCH = ~0, 1  # mkl_cbwr_get's options
+_MODE_CHANGE_FAILURE = -8  # mkl_cbwr_set: MKL has already run with another mode
+
+
+def _mkl():
+    """MKL's CNR functions inside torch's CPU library (exported as ``mkl_serv_cbwr_*``), or None
+    when torch is not built with MKL (ARM, some source builds)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set, lib.mkl_serv_cbwr_get_auto_branch
+    except (OSError, AttributeError):
+        return None
+
+
+def _describe(get, auto_branch) -> str:
+    mode = get(_ALL)
+    branch = _BRANCHES.get(mode & 0xFFFF, str(mode & 0xFFFF))
+    text = f"MKL_CBWR={branch}{',STRICT' if mode & _STRICT else ''}"
+    if branch == "AUTO":
+        text += f" (code path {_BRANCHES.get(auto_branch(), auto_branch())})"
+    return text
+
+
+_STATE: dict = {}
+
+
+def strict_blas() -> str:
+    """Turn on MKL's strict CNR mode (unless ``MKL_CBWR`` is set in the environment, which MKL
+    reads itself) and return what is in force, for the manifest: e.g. ``MKL_CBWR=AUTO,STRICT
+    (code path AVX512_E1)``. Idempotent; one call must come before MKL's first matrix product."""
+    if "mode" in _STATE:
+        return _STATE["mode"]
+    fns = _mkl()
+    if fns is None:
+        _STATE["mode"] = "no MKL (torch's BLAS was not checked for thread-count invariance)"
+        return _STATE["mode"]
+    get, set_, auto_branch = fns
+    if "MKL_CBWR" not in os.environ:
+        if set_(_AUTO | _STRICT) == _MODE_CHANGE_FAILURE:
+            _STATE["mode"] = "MKL default (not strict: MKL ran before utils was imported; results may depend on --threads)"
+            return _STATE["mode"]
+    _STATE["mode"] = _describe(get, auto_branch)
+    return _STATE["mode"]
+
+
+def blas_is_strict() -> bool:
+    """Whether MKL's gemm gives the same bits at any thread count in this process."""
+    fns = _mkl()
+    return fns is not None and bool(fns[0](_ALL) & _STRICT)
 
 
 @contextlib.contextmanager
@@ -38,44 +106,3 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-class _OneThreadLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)``; the forward and the backward's matmuls on one thread."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        with one_thread():
-            return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        with one_thread():
-            if ctx.needs_input_grad[0]:
-                grad_x = grad.matmul(weight)
-            flat = grad.reshape(-1, grad.size(-1))
-            if ctx.needs_input_grad[1]:
-                grad_w = flat.t().mm(x.reshape(-1, x.size(-1)))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def needs_one_thread(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and torch.get_num_threads() > 1
-
-
-def linear_one_thread(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a plain ``nn.Linear``, thread-count invariant on CPU. Any other layer
-    (quantised, LoRA-wrapped, with hooks) and any GPU tensor run as ``layer(x)``."""
-    plain = type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
-    if not (plain and needs_one_thread(x)):
-        return layer(x)
-    if not torch.is_grad_enabled():
-        with one_thread():
-            return F.linear(x, layer.weight, layer.bias)
-    return _OneThreadLinear.apply(x, layer.weight, layer.bias)

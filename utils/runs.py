@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from utils.data import split_fingerprint
+from utils.invariant import strict_blas
 from utils.models import weights_hash
 
 MANIFEST = "manifest.json"
@@ -137,6 +138,7 @@ def run_manifest(kind: str, data, splits: dict, *, model_name: str, model_path: 
         "data_seed": data.data_seed,
         "val_fraction": data.val_fraction,
         "threads": threads,
+        "blas": strict_blas(),
         "splits": split_fingerprint(splits),
         "versions": library_versions(),
         **extra,

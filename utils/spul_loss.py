@@ -22,6 +22,7 @@ import torch
 
 from utils import distributed
 from utils.forward import PromptCache, cache_compatible, head_logits, label_hidden, label_logits, unwrap
+from utils.invariant import one_thread
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean
 from utils.prompt import join_prefix
 from utils.template import IGNORE
@@ -154,7 +155,7 @@ class SpulObjective:
         if not self.beta or not retain.any():
             return None
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():  # see utils.invariant: no-grad forwards at 2 threads
             if self.reference_cache is not None:
                 sub = head_logits(model, self.reference_cache.hidden(model, select_rows(batch, retain)))
             else:
@@ -189,7 +190,7 @@ class SpulObjective:
         if self._prefix_dropout is None:  # the frozen model's modules do not change: look once
             self._prefix_dropout = has_dropout(model)
         if self._prefix_cache is None or (model.training and self._prefix_dropout):
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 self._prefix_cache = PromptCache.build(model, self.fixed_prefix.to(soft.device, soft.dtype))
             self.prefix_builds += 1
         return self._prefix_cache
