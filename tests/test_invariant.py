@@ -119,3 +119,12 @@ def test_kl_of_one_row_is_thread_invariant(threads):
     assert torch.equal(out[1], out[2])
     expected = (F.softmax(ref, -1) * (F.log_softmax(ref, -1) - F.log_softmax(cur, -1))).sum().item()
     assert out[1].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_thread_leaves_other_devices_alone(threads):
+    """Work on a GPU (or any device but the CPU) keeps torch's CPU thread count."""
+    torch.set_num_threads(2)
+    with one_thread("meta"):
+        assert torch.get_num_threads() == 2
+    with one_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 1

@@ -95,10 +95,12 @@ def blas_is_strict() -> bool:
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Within the block torch runs on one thread; the thread count is restored after."""
+def one_thread(device=None):
+    """Within the block torch runs on one CPU thread; the thread count is restored after. A
+    no-op at one thread, and for work on another ``device`` than the CPU (a GPU's kernels do
+    not depend on torch's CPU threads)."""
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or (device is not None and torch.device(device).type != "cpu"):
         yield
         return
     torch.set_num_threads(1)

@@ -51,7 +51,7 @@ def kl_per_sample(ref_logits: torch.Tensor, logits: torch.Tensor, label_ids: tor
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     cur_logp = F.log_softmax(logits.float(), dim=-1)
     terms = ref_logp.exp() * (ref_logp - cur_logp)  # element-wise: the same bits at any thread count
-    with one_thread():  # one row's sum over the vocabulary is split between threads otherwise
+    with one_thread(terms.device):  # one row's sum over the vocabulary is split between threads otherwise
         kl = terms.sum(-1)
     return _per_sample(kl, label_ids)
 

@@ -155,7 +155,7 @@ class SpulObjective:
         if not self.beta or not retain.any():
             return None
         t0 = time.perf_counter()
-        with torch.no_grad(), one_thread():  # see utils.invariant: no-grad forwards at 2 threads
+        with torch.no_grad(), one_thread(retain.device):  # see utils.invariant: no-grad forwards at 2 threads
             if self.reference_cache is not None:
                 sub = head_logits(model, self.reference_cache.hidden(model, select_rows(batch, retain)))
             else:
@@ -190,7 +190,7 @@ class SpulObjective:
         if self._prefix_dropout is None:  # the frozen model's modules do not change: look once
             self._prefix_dropout = has_dropout(model)
         if self._prefix_cache is None or (model.training and self._prefix_dropout):
-            with torch.no_grad(), one_thread():
+            with torch.no_grad(), one_thread(soft.device):
                 self._prefix_cache = PromptCache.build(model, self.fixed_prefix.to(soft.device, soft.dtype))
             self.prefix_builds += 1
         return self._prefix_cache
