@@ -60,7 +60,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("reproducibility")
     r.add_argument("--seed", type=int, default=42, help="seed for training: initialisation, shuffling, generic labels, dropout")
     r.add_argument("--data_seed", type=int, default=0, help="seed for the data: validation carve, --forget_size and the caps (fixed across a --seed sweep, so seeds vary training only)")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads), recorded in config.json and the manifest; results do not depend on it: MKL runs in its strict reproducibility mode and one-value vocabulary sums run on one thread (utils/invariant.py; the mode is recorded in the manifest as blas); default: $OMP_NUM_THREADS, else torch's default")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads), recorded in config.json and the manifest; MKL runs in its strict reproducibility mode (recorded in the manifest as blas) and the few ops found to depend on the count run on one thread (utils/invariant.py), so a spul.py run gives the same bits at 1 and 2 threads; default: $OMP_NUM_THREADS, else torch's default")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ _STRICT = 0x10000  # MKL_CBWR_STRICT (mkl_cbwr.h)
 _AUTO = 2  # MKL_CBWR_AUTO
 _BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",
              10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
-_ALL, _BRANCH = ~0, 1  # mkl_cbwr_get's options
+_ALL = ~0  # mkl_cbwr_get: the whole setting
 _MODE_CHANGE_FAILURE = -8  # mkl_cbwr_set: MKL has already run with another mode
 
 
