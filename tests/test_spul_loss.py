@@ -212,3 +212,27 @@ def test_generic_labels_are_seeded(tiny_model_dir):
     assert set(a) <= generic_ids and len(set(a)) == 2  # both generic labels drawn, never a task label
     retain = [f for f in training_set(encoder, _splits(40), 1, relabel_forget=True) if not f["is_forget"]]
     assert [f["label_ids"] for f in retain] == [encoder.label_ids(w) for w in _splits(40)["train_retain"]["label_text"]]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_objective_runs_its_no_grad_forwards_on_one_thread(cache):
+    """The KL reference and the fixed prefix's cache run on one CPU thread (utils.invariant: the
+    first reference forward of a run gave memory-state dependent bits at 2 threads), and the
+    prompted forward with grad on all of them; the thread count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_llama(32, seed=0).eval().requires_grad_(False)
+        seen = []
+        model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), torch.get_num_threads())))
+        prompt = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        prefix = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+        objective = SpulObjective(lambda m: prompt, alpha=1.0, beta=1.0, reference_cache=cache, fixed_prefix=prefix)
+        objective(model, tiny_batch([True, False, False]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    no_grad = [n for grad, n in seen if not grad]
+    with_grad = [n for grad, n in seen if grad]
+    assert len(no_grad) == 2 and set(no_grad) == {1}  # the prefix cache, then the reference
+    assert with_grad and set(with_grad) == {2}  # the prompt's cache and the batch
