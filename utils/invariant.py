@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 
 import torch
@@ -66,26 +67,19 @@ def _describe(get, auto_branch) -> str:
     return text
 
 
-_STATE: dict = {}
-
-
+@functools.cache
 def strict_blas() -> str:
     """Turn on MKL's strict CNR mode (unless ``MKL_CBWR`` is set in the environment, which MKL
     reads itself) and return what is in force, for the manifest: e.g. ``MKL_CBWR=AUTO,STRICT
-    (code path AVX512_E1)``. Idempotent; one call must come before MKL's first matrix product."""
-    if "mode" in _STATE:
-        return _STATE["mode"]
+    (code path AVX512_E1)``. Runs once per process (cached); the first call must come before
+    MKL's first matrix product."""
     fns = _mkl()
     if fns is None:
-        _STATE["mode"] = "no MKL (torch's BLAS was not checked for thread-count invariance)"
-        return _STATE["mode"]
+        return "no MKL (torch's BLAS was not checked for thread-count invariance)"
     get, set_, auto_branch = fns
-    if "MKL_CBWR" not in os.environ:
-        if set_(_AUTO | _STRICT) == _MODE_CHANGE_FAILURE:
-            _STATE["mode"] = "MKL default (not strict: MKL ran before utils was imported; results may depend on --threads)"
-            return _STATE["mode"]
-    _STATE["mode"] = _describe(get, auto_branch)
-    return _STATE["mode"]
+    if "MKL_CBWR" not in os.environ and set_(_AUTO | _STRICT) == _MODE_CHANGE_FAILURE:
+        return "MKL default (not strict: MKL ran before utils was imported; results may depend on --threads)"
+    return _describe(get, auto_branch)
 
 
 def blas_is_strict() -> bool:
