@@ -21,7 +21,7 @@ from utils.models import DEFAULT_MODEL, select_device
 from utils.guardrails import HARD_PREFIXES, hard_prefix_text, prefix_embeddings, save_prefix
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters, with_hard_prefix
 from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
-from utils.spul_loss import SpulObjective, has_dropout
+from utils.spul_loss import SpulObjective, forget_fit_note, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
 from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_manifest
@@ -141,6 +141,9 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
+    note = forget_fit_note(stats.epoch_means)
+    if note and distributed.is_main():
+        print(note)
     with torch.no_grad():
         prompt = prompt_fn(model).detach()
     evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)

@@ -75,6 +75,7 @@ def test_spul_writes_complete_run_folder(runs):
     assert config["ptuning_num_tokens"] == 4 and config["warmup_ratio"] == 0.1 and config["max_grad_norm"] == 0.3
     stats = read(run / "train_stats.json")
     assert stats["steps"] == 3 and stats["trainable_params"] == m["prompt"]["trainable_params"]
+    assert len(stats["epoch_means"]) == 1 and set(stats["epoch_means"][0]) == {"loss", "L_f", "L_r", "L_kl"}
     ref = stats["kl_reference"]  # the default reference cache: one epoch, so every retain row is a first visit
     assert ref["steps_with_reference"] == 3 and ref["bytes_kept_between_steps"] > 0 and config["cache_reference"] is True
     assert ref["reference_cache_hits"] == 0 and ref["reference_cache_misses"] > 0

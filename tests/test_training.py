@@ -113,6 +113,40 @@ def test_resume_after_interrupt_is_exact(tmp_path):
     want, got = lora_weights(ref_model), lora_weights(resumed)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+    # the checkpoint (after step 6) fell inside epoch 2: its running sums came back with it
+    assert len(stats2.epoch_means) == 2 and stats2.epoch_means == stats.epoch_means
+
+
+def test_epoch_means_are_the_means_of_every_step():
+    feats = features()  # 20 samples, batch 4: 5 steps an epoch; 2.4 epochs: 12 steps, the last epoch 2 of them
+
+    def halves(m, b):
+        loss, _ = loss_fn(m, b)
+        return loss, {"half": loss.item() / 2, "note": "ignored"}
+
+    model = make_model()
+    stats = train(model, model.parameters(), halves, feats, TrainConfig(lr=1e-2, num_epochs=2.4, batch_size=4, seed=3, log_every=1), "cpu", 0)
+    losses = [loss for _, loss, _ in stats.losses]
+    assert len(losses) == 12 and len(stats.epoch_means) == 3
+    for e, (lo, hi) in enumerate([(0, 5), (5, 10), (10, 12)]):
+        want = sum(losses[lo:hi]) / (hi - lo)
+        assert stats.epoch_means[e]["loss"] == pytest.approx(want, rel=1e-12)
+        assert stats.epoch_means[e]["half"] == pytest.approx(want / 2, rel=1e-12)
+        assert set(stats.epoch_means[e]) == {"loss", "half"}
+    assert "epoch_sums" not in stats.as_dict() and stats.as_dict()["epoch_means"] == stats.epoch_means
+
+
+def test_train_stats_record_by_hand():
+    from utils.training import TrainStats
+
+    s = TrainStats()
+    s.record(3.0, {"L_f": 2.0, "L_r": 1.0})
+    s.record(1.0, {"L_f": 0.0, "L_r": 1.0})
+    s.end_epoch()
+    s.end_epoch()  # an epoch without steps adds nothing
+    s.record(5.0, {"L_f": 4.0})
+    s.end_epoch()
+    assert s.epoch_means == [{"loss": 2.0, "L_f": 1.0, "L_r": 1.0}, {"loss": 5.0, "L_f": 4.0}]
 
 
 def test_non_finite_loss_stops():

@@ -16,6 +16,7 @@ prompt bypassed: no second model copy, nothing cached between steps) and times t
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -48,6 +49,20 @@ def spul_loss(logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: dict
     loss = l_f + alpha * l_r + beta * l_kl
     terms = {"L_f": l_f.item(), "L_r": l_r.item(), "L_kl": l_kl.item(), "loss": loss.item()}
     return loss, terms
+
+
+FIT_BOUND = math.log(2)  # L_f above it: the generic label's geometric-mean probability is below 1/2
+
+
+def forget_fit_note(epoch_means: list[dict]) -> str | None:
+    """A one-line note when the last epoch's mean forget loss is above ln 2, i.e. the prompt has
+    not fit the forget set by the end of training (``TrainStats.epoch_means``); None otherwise."""
+    last = epoch_means[-1] if epoch_means else {}
+    if last.get("L_f", 0.0) <= FIT_BOUND:
+        return None
+    return (f"note: the forget loss L_f averaged {last['L_f']:.2f} over the last epoch (above ln 2: the generic label's "
+            f"geometric-mean probability on train forget is below 1/2); the prompt may not have fit the forget set "
+            f"(see train_forget ACC; on the CPU profile such runs end with high forget ACC)")
 
 
 def select_rows(batch: dict, rows: torch.Tensor) -> dict:

@@ -109,9 +109,25 @@ class TrainStats:
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
     mixed_precision: str = "no"  # what "auto" resolved to, or the value asked for
     ema_decay: float = 0.0  # >0: the weights returned are the moving average (WeightAverage)
+    epoch_means: list = field(default_factory=list)  # per epoch: {"loss": .., term: ..}, each the mean of its steps' values
+    epoch_sums: dict = field(default_factory=dict)  # the running epoch's sums (kept in checkpoints, not in train_stats.json)
+    epoch_steps: int = 0  # the running epoch's steps so far
+
+    def record(self, loss: float, terms: dict) -> None:
+        """Add one optimiser step's loss and numeric terms to the running epoch."""
+        self.epoch_steps += 1
+        for k, v in {"loss": loss, **terms}.items():
+            if isinstance(v, (int, float)):
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
+
+    def end_epoch(self) -> None:
+        """Close the running epoch: its mean of every recorded value joins ``epoch_means``."""
+        if self.epoch_steps:
+            self.epoch_means.append({k: v / self.epoch_steps for k, v in self.epoch_sums.items()})
+        self.epoch_sums, self.epoch_steps = {}, 0
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k not in ("epoch_sums", "epoch_steps")}
         d["seconds_per_epoch"] = sum(self.epoch_seconds) / max(len(self.epoch_seconds), 1)
         return d
 
@@ -438,7 +454,8 @@ def train(model, params, loss_fn, features, cfg: TrainConfig, device, pad_id, de
     A fractional ``num_epochs`` trains on that share of the last epoch's batches. With
     ``cfg.checkpoint_dir`` and ``cfg.save_every`` it saves a resumable checkpoint every
     ``save_every`` steps; with ``cfg.resume`` it continues from it, exactly (same batches,
-    optimizer, schedule and dropout RNG).
+    optimizer, schedule and dropout RNG). ``stats.epoch_means`` holds each epoch's mean of the
+    steps' loss and terms (every step, not only the logged ones).
 
     A step is one optimiser update over ``cfg.batch_size * cfg.gradient_accumulation_steps``
     samples; under a launcher with several processes each takes its share of every micro-batch
@@ -527,6 +544,7 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
                 if average is not None:
                     average.update(stats.steps)
                 stats.train_tokens += tokens
+                stats.record(loss, terms)
                 if stats.steps % cfg.log_every == 0 or stats.steps == total:
                     stats.losses.append((stats.steps, loss, terms))
                     trackers.log_step(stats.steps, loss, terms, lr)
@@ -535,6 +553,7 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
                 if ckpt_dir is not None and cfg.save_every and stats.steps % cfg.save_every == 0 and stats.steps < total and main_rank:
                     save_checkpoint(ckpt_dir, model, params, optimizer, scheduler, stats, cfg.fingerprint, average)
             stats.epoch_seconds.append(time.perf_counter() - t0)
+            stats.end_epoch()
             epoch, skip = epoch + 1, 0
         if kind == "FSDP":
             gather_fsdp(step_module, device, trainable)
@@ -542,6 +561,8 @@ def _train(model, params, loss_fn, features, cfg, device, pad_id, desc, trackers
         bar.close()
         accelerator.free_memory()  # drop the DDP wrapper (its gradient hooks) and the prepared optimizer
         del step_module, step_optimizer
+    if main_rank and stats.epoch_means:
+        print(f"{desc}: mean loss by epoch " + " ".join(f"{m['loss']:.3g}" for m in stats.epoch_means))
     if average is not None:
         average.copy_to()  # the run's weights from here on: saved and evaluated by the caller
     elapsed = time.perf_counter() - t_all
