@@ -141,7 +141,7 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
         sys.exit(1)
-    note = forget_fit_note(stats.epoch_means)
+    note = forget_fit_note(stats.epoch_means, 1 if args.generic_label else len(data.task.generic_labels))
     if note and distributed.is_main():
         print(note)
     with torch.no_grad():

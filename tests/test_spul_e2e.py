@@ -238,3 +238,14 @@ def test_generic_label_trains_every_forget_sample_toward_it(runs, data_args, tmp
     assert words == {"unknown"} and len(forget) > 0
     assert read(out / "manifest.json")["generic_label_counts"] == {"unknown": len(forget)}
     assert read(out / "config.json")["generic_label"] == "unknown"
+
+
+def test_spul_passes_its_epoch_means_to_the_fit_note(runs, data_args, tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(spul, "forget_fit_note", lambda means, k: seen.append((means, k)) or "note: sentinel")
+    capsys.readouterr()
+    spul.main(["--model_checkpoints", str(runs / "qlora"), "--output_path", str(tmp_path / "s"), "--generic_label", "unknown"]
+              + SPUL_ARGS + data_args)
+    assert "note: sentinel" in capsys.readouterr().out
+    (means, k), = seen
+    assert k == 1 and means == read(tmp_path / "s" / "train_stats.json")["epoch_means"]

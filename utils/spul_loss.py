@@ -51,18 +51,18 @@ def spul_loss(logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: dict
     return loss, terms
 
 
-FIT_BOUND = math.log(2)  # L_f above it: the generic label's geometric-mean probability is below 1/2
-
-
-def forget_fit_note(epoch_means: list[dict]) -> str | None:
-    """A one-line note when the last epoch's mean forget loss is above ln 2, i.e. the prompt has
-    not fit the forget set by the end of training (``TrainStats.epoch_means``); None otherwise."""
+def forget_fit_note(epoch_means: list[dict], generic_labels: int = 1) -> str | None:
+    """A one-line note when the prompt has not fit the forget set by the end of training: the
+    last epoch's mean forget loss (``TrainStats.epoch_means``) above ln(2k), with k the number
+    of generic labels the forget samples are drawn from (1 with ``--generic_label``). Above it,
+    even a prompt that splits its generic answers evenly as the draw does gives the generic
+    labels together a geometric-mean probability below 1/2. None otherwise."""
+    bound = math.log(2 * generic_labels)
     last = epoch_means[-1] if epoch_means else {}
-    if last.get("L_f", 0.0) <= FIT_BOUND:
+    if last.get("L_f", 0.0) <= bound:
         return None
-    return (f"note: the forget loss L_f averaged {last['L_f']:.2f} over the last epoch (above ln 2: the generic label's "
-            f"geometric-mean probability on train forget is below 1/2); the prompt may not have fit the forget set "
-            f"(see train_forget ACC; on the CPU profile such runs end with high forget ACC)")
+    return (f"note: the forget loss L_f averaged {last['L_f']:.2f} over the last epoch, above ln {2 * generic_labels} = {bound:.2f}: "
+            f"the prompt may not have fit the forget set (check train_forget ACC)")
 
 
 def select_rows(batch: dict, rows: torch.Tensor) -> dict:
