@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from utils import cli, distributed
-from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_names
-from utils.data import prepare_splits, training_set
+from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_names, pseudo_labelled
+from utils.data import prepare_splits, training_set, unused_retain
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
 from utils.guardrails import HARD_PREFIXES, hard_prefix_text, prefix_embeddings, save_prefix
@@ -49,6 +50,7 @@ def build_parser():
                         "unknown); default: one drawn uniformly per forget sample from --seed (the paper). One label gives "
                         "L_f a target it can reach (ours; 'unknown' is the label the --hard_prefix instruction asks for)")
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
+    g.add_argument("--pseudo_retain", type=int, default=0, metavar="N", help="add N retain texts from the part of the training pool that no split uses (the rows the --max_train_retain cap leaves out; never a validation or test row), each labelled with the frozen model's own answer without the prompt, to the retain side of the loss (L_r and L_kl), so that the prompt is also held to the model's behaviour on reviews outside the training set (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--hard_prefix", default="none", choices=HARD_PREFIXES, help="none (default, the paper): the soft prompt alone; instruction: the instruction_prompt baseline's text, which names the forgotten people, as fixed tokens before the soft prompt (ours: the names in front make \"names a forgotten person\" readable at the label position, see the README)")
     g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain, --forget_swaps and --hard_prefix instruction (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
@@ -69,6 +71,7 @@ def check_args(args) -> None:
         "beta": (args.beta >= 0, "must be >= 0"),
         "counterfactual_retain": (0 <= args.counterfactual_retain <= 1, "the share of forget texts must be in [0, 1]"),
         "forget_swaps": (args.forget_swaps >= 0, "must be >= 0"),
+        "pseudo_retain": (args.pseudo_retain >= 0, "must be >= 0"),
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
         "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),
@@ -110,6 +113,7 @@ def main(argv=None):
     names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
     extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
     swaps = forget_name_swaps(splits["train_forget"], names, args.seed, args.forget_swaps) if args.forget_swaps else None
+    spare = unused_retain(data, args.pseudo_retain) if args.pseudo_retain else None  # before any model loads
     prefix_text = hard_prefix_text(args.hard_prefix, args.forget_names, data, splits, f"--hard_prefix {args.hard_prefix}")
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
@@ -119,6 +123,12 @@ def main(argv=None):
     tokenizer = source.tokenizer
     encoder = Encoder(tokenizer, args.max_length, task=data.task)
     cli.check_max_length(encoder, data.task.all_words)
+    pseudo = None
+    if spare is not None:  # the frozen model's own answers, before the prompt exists
+        spare, pseudo = pseudo_labelled(source.model, encoder, spare, args.eval_batch_size, device)
+        extra = spare if extra is None else pd.concat([extra, spare], ignore_index=True)
+        if distributed.is_main():
+            print(f"pseudo-labelled retain rows: {pseudo['rows']} ({', '.join(f'{w} {n}' for w, n in pseudo['label_counts'].items())})")
     row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
     model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed, row_norm)
     if args.resume_from:
@@ -159,6 +169,8 @@ def main(argv=None):
                                      beta=args.beta, resume_from=args.resume_from, forced=forced, hard_prefix=hard,
                                      generic_label=args.generic_label)
             manifest["prompt"]["row_norm"] = row_norm
+            if pseudo is not None:
+                manifest["pseudo_retain"] = pseudo
             save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
         cli.remove_checkpoints(out)
         print(format_table({"SPUL": evaluation.metrics}))

@@ -1,19 +1,21 @@
 """utils/augment.py: counterfactual retain samples (forget texts with their forgotten names
-swapped), forget-side name swaps, where the names come from, and spul.py --counterfactual_retain
+swapped), forget-side name swaps, pseudo-labelled retain rows, where the names come from, and spul.py --counterfactual_retain
 and --forget_swaps end to end."""
 import json
 
 import pandas as pd
 import pytest
+import torch
 
 import spul
 from utils.cli import data_config
 from tests.conftest import write_splits
-from utils.augment import AugmentError, counterfactual_retain, forget_name_swaps, forgotten_names, names_from_split
-from utils.data import training_set
+from utils.augment import AugmentError, counterfactual_retain, forget_name_swaps, forgotten_names, names_from_split, pseudo_labelled
+from utils.data import encode_frame, training_set
+from utils.forward import full_logits_at_labels, label_hidden
 from utils.splits import name_pattern
 from tests.tiny import tiny_tokenizer
-from utils.template import Encoder
+from utils.template import Encoder, collate
 
 NAMES = ["Woody Allen", "Spielberg"]
 POOL = ["Anna Keller", "Ben Thornton", "Carla Jensen"]
@@ -209,3 +211,59 @@ def test_spul_cli_trains_on_swapped_forget_rows(tmp_path, tiny_model_dir):
     # rows reach the reference cache
     assert stats["steps"] == 5
     assert stats["kl_reference"]["reference_cache_misses"] == 7
+
+
+def test_pseudo_labels_are_the_frozen_models_answers_not_the_true_labels(tiny_model_dir):
+    from utils.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    model, _ = load_model(tiny_model_dir, "cpu", tokenizer=tok)
+    encoder = Encoder(tok, 64)
+    texts = [f"review {i}: {'quite good fun' if i % 3 else 'rather dull and bad'} {'!' * (i % 4)}" for i in range(10)]
+    task_ids = [encoder.label_ids(w)[0] for w in encoder.task.label_words]
+    # a random tiny model gives every row nearly the same label-position state: point the
+    # "negative" row of the head along how the rows differ, so that both answers occur
+    feats = encode_frame(encoder, pd.DataFrame({"text": texts, "label": [0] * 10, "label_text": ["negative"] * 10}), False)
+    with torch.no_grad():
+        hidden = torch.stack([label_hidden(model.eval(), collate([f], tok.pad_token_id))[0, 0] for f in feats])
+        mean = hidden.mean(0)
+        spread = hidden[0] - mean
+        spread -= (spread @ mean) / (mean @ mean) * mean
+        head = model.get_output_embeddings().weight
+        head[task_ids[0]] = head[task_ids[1]] + spread / spread.norm() ** 2 * 50
+    rows = pd.DataFrame({"text": texts, "label": [i % 2 for i in range(10)]})
+    rows["label_text"] = ["positive" if l else "negative" for l in rows["label"]]
+    out, info = pseudo_labelled(model.train(), encoder, rows, batch_size=4, device="cpu")
+    assert model.training  # left as it was
+    model.eval()
+    want = []
+    for text in texts:  # one row at a time, the naive full-logits path
+        feats = encode_frame(encoder, pd.DataFrame({"text": [text], "label": [0], "label_text": ["negative"]}), False)
+        logits = full_logits_at_labels(model, collate(feats, tok.pad_token_id))[0, 0]
+        want.append(int(logits[task_ids].argmax()))
+    assert list(out["label"]) == want and list(out["text"]) == texts
+    assert len(set(want)) == 2, want  # both answers occur, so the comparison tells rows apart
+    assert list(out["label_text"]) == [encoder.task.label_words[i] for i in want]
+    assert info["rows"] == 10 and sum(info["label_counts"].values()) == 10
+    flipped = rows.assign(label=1 - rows["label"], label_text=rows["label_text"][::-1].to_numpy())
+    again, info2 = pseudo_labelled(model, encoder, flipped, batch_size=3, device="cpu")
+    assert again.equals(out) and info2 == info  # the true labels are never read
+
+
+def test_spul_cli_adds_pseudo_labelled_rows_to_the_retain_side(tmp_path, tiny_model_dir, capsys):
+    folder = write_splits(tmp_path / "d", rows=24)
+    args = ["--model_name", tiny_model_dir, "--data_dir", str(folder), "--max_length", "64", "--num_epochs", "1",
+            "--train_batch_size", "8", "--ptuning_num_tokens", "2", "--ptuning_hidden_size", "8", "--eval_batch_size", "8",
+            "--max_val_retain", "4", "--max_val_forget", "2", "--max_train_retain", "8", "--max_train_forget", "8"]
+    with pytest.raises(SystemExit) as e:  # 24 - 4 - 8 = 12 unused rows: 13 is one line, nothing written
+        spul.main(args + ["--pseudo_retain", "13", "--output_path", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and err.startswith("error: --pseudo_retain 13") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+    spul.main(args + ["--pseudo_retain", "5", "--output_path", str(tmp_path / "p")])
+    stats = json.loads((tmp_path / "p" / "train_stats.json").read_text())
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["pseudo_retain"]["rows"] == 5 and sum(manifest["pseudo_retain"]["label_counts"].values()) == 5
+    # 8 retain + 5 pseudo-labelled + 8 forget = 21 samples: 3 steps of 8; 13 retain rows reach the reference
+    assert stats["steps"] == 3
+    assert stats["kl_reference"]["reference_cache_misses"] == 13

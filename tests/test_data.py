@@ -12,6 +12,7 @@ from utils.data import (
     read_split_folder,
     stratified_cap,
     subsample_forget,
+    unused_retain,
 )
 from utils.cli import data_config
 from utils.task import SENTIMENT
@@ -178,3 +179,34 @@ def test_eval_splits_limits_what_is_evaluated(tmp_path, tiny_model_dir):
     inference_spul.main(["--model_name", str(tiny_model_dir), "--data_dir", str(d), "--max_length", "64",
                          "--eval_splits", "val_forget", "train_forget", "--output_path", str(out)])
     assert list(json.loads((out / "metrics.json").read_text())) == ["train_forget", "val_forget"]
+
+
+def test_unused_retain_comes_from_the_rows_no_split_holds(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("train_retain", "train_forget", "test_retain", "test_forget"):
+        df = frame(40)
+        df["text"] = [f"{name} {t}" for t in df["text"]]
+        if name == "train_retain":  # a duplicate of a row the cap may keep: never drawn
+            df.loc[39, "text"] = df.loc[0, "text"]
+        df.to_csv(d / f"{name}.csv", index=False)
+    args = lambda **kw: _args(d, val_fraction=0.0, max_val_retain=10, max_val_forget=4, max_train_retain=10, **kw)  # noqa: E731
+    config = data_config(args())
+    splits = prepare_splits(config)
+    used = set().union(*(_texts(splits[s]) for s in ("train_retain", "train_forget", "val_retain", "val_forget")))
+    spare = unused_retain(config, 12)
+    assert len(spare) == 12 and spare["text"].is_unique
+    assert not _texts(spare) & used  # never a trained, validation or duplicate row
+    assert _texts(spare) <= {f"train_retain t{i}" for i in range(40)}  # the training pool's retain side
+    # seeded by --data_seed only, and the same whether or not the test splits are loaded
+    assert spare.equals(unused_retain(data_config(args(seed=7)), 12))
+    assert spare.equals(unused_retain(data_config(args(eval_splits=["train_retain", "train_forget", "val_retain", "val_forget"])), 12))
+    assert not spare.equals(unused_retain(data_config(args(data_seed=3)), 12))
+    pool = [f"train_retain t{i}" for i in range(39)] + ["train_retain t0"]
+    free = sum(t not in used for t in pool)
+    assert free == 19  # 40 - 10 validation - 10 trained - the twin of a row the cap or the carve took
+    assert len(unused_retain(config, free)) == free
+    with pytest.raises(DataError, match="--pseudo_retain 41"):
+        unused_retain(config, 41)
+    with pytest.raises(DataError, match="--pseudo_retain 1: the training pool has 0"):  # no cap: nothing is left over
+        unused_retain(data_config(_args(d, val_fraction=0.1)), 1)

@@ -16,18 +16,27 @@ pushed to key on the names rather than on the wording of the few reviews that na
 the counterfactual copies, the same sentence is to be forgotten with a forgotten name and answered
 with a made-up one.
 
+``pseudo_labelled`` (``spul.py --pseudo_retain N``) adds retain texts the prompt would otherwise
+never see: N rows from the part of the training pool that no split uses
+(``utils.data.unused_retain``), each labelled with the frozen model's own answer without the
+prompt (the argmax over the task labels; the true labels are not read). They join the retain side
+of the loss like the counterfactual rows, so L_r and L_kl also hold the prompt to the model's
+behaviour on reviews outside the small training set.
+
 The forgotten names come from ``--forget_names`` or from the manifest of a split folder built by
 the ``entities`` recipe (the embedded ``rt`` dataset is one).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from utils.data import DataError, locate
+from utils.data import DataError, encode_frame, locate
+from utils.evaluation import label_token_ids, predict
 from utils.splits import MANIFEST, name_pattern
 
 # Replacement names: common first and last names, none of them a public figure of film or
@@ -132,3 +141,23 @@ def forgotten_names(forget_names, data) -> list[str]:
             "(not built by the entities recipe); pass them with --forget_names"
         )
     return names
+
+
+def pseudo_labelled(model, encoder, rows: pd.DataFrame, batch_size: int, device) -> tuple[pd.DataFrame, dict]:
+    """``rows`` relabelled with ``model``'s answer (eval mode, no prompt): per row the argmax over
+    the task labels' first tokens at the label position. Every row is encoded with the first
+    label word as a placeholder, so the true labels are never read here. Returns the frame and
+    a summary for the manifest: rows, label counts and a content hash of the texts."""
+    task = encoder.task
+    feats = encode_frame(encoder, rows, is_forget=False, targets=[task.label_words[0]] * len(rows))
+    was_training = model.training
+    model.eval()
+    preds = predict(model, feats, batch_size, device, encoder.tokenizer.pad_token_id,
+                    task_ids=label_token_ids(encoder, task.label_words), desc="pseudo labels")
+    model.train(was_training)
+    out = rows[["text"]].copy()
+    out["label"] = preds.restricted.astype(int)
+    out["label_text"] = [task.label_words[i] for i in out["label"]]
+    digest = hashlib.sha256("\n".join(out["text"]).encode()).hexdigest()
+    counts = {w: int((out["label"] == i).sum()) for i, w in enumerate(task.label_words)}
+    return out.reset_index(drop=True), {"rows": len(out), "label_counts": counts, "texts_sha256": digest}

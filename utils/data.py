@@ -190,12 +190,17 @@ def stratified_indices(labels: np.ndarray, k: int, rng: np.random.Generator) -> 
     return np.sort(np.array(keep, dtype=int))
 
 
+def cap_rows(df: pd.DataFrame, cap: int | None, seed: int) -> np.ndarray | None:
+    """The sorted row indices ``stratified_cap`` keeps; None when it keeps every row."""
+    if cap is None or cap <= 0 or len(df) <= cap:
+        return None
+    return stratified_indices(df["label"].to_numpy(), cap, np.random.default_rng(seed))
+
+
 def stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
     """At most ``cap`` rows, seeded, keeping the label proportions (largest remainder)."""
-    if cap is None or cap <= 0 or len(df) <= cap:
-        return df
-    keep = stratified_indices(df["label"].to_numpy(), cap, np.random.default_rng(seed))
-    return df.iloc[keep].reset_index(drop=True)
+    keep = cap_rows(df, cap, seed)
+    return df if keep is None else df.iloc[keep].reset_index(drop=True)
 
 
 def carve_validation(splits: dict[str, pd.DataFrame], fraction: float, sizes: dict[str, int | None], seed: int) -> dict[str, pd.DataFrame]:
@@ -240,11 +245,8 @@ class DataConfig:
     eval_splits: tuple[str, ...] = EVAL_SPLITS
 
 
-def prepare_splits(config: DataConfig) -> dict[str, pd.DataFrame]:
-    """What every entry point does with its data flags, all seeded by ``--data_seed`` (so that
-    every ``--seed`` of a sweep sees the same rows): load; drop the test splits that
-    ``--eval_splits`` leaves out (model selection never reads them); carve val_retain and
-    val_forget out of the training pool; then ``--forget_size``; then the caps."""
+def _before_caps(config: DataConfig) -> dict[str, pd.DataFrame]:
+    """``prepare_splits`` up to the caps: load, drop the unread test splits, carve, subsample."""
     splits = load_splits(config.dataset, config.data_dir, config.data_root, config.task)
     for s in TEST_SPLITS:
         if s not in config.eval_splits:
@@ -252,11 +254,46 @@ def prepare_splits(config: DataConfig) -> dict[str, pd.DataFrame]:
     caps = {s: config.caps.get(s) for s in EVAL_SPLITS}
     splits = carve_validation(splits, config.val_fraction, {v: caps[v] for v in VAL_SPLITS}, config.data_seed)
     splits["train_forget"] = subsample_forget(splits["train_forget"], config.forget_size, config.data_seed)
-    splits = apply_caps(splits, caps, config.data_seed)
+    return splits
+
+
+def prepare_splits(config: DataConfig) -> dict[str, pd.DataFrame]:
+    """What every entry point does with its data flags, all seeded by ``--data_seed`` (so that
+    every ``--seed`` of a sweep sees the same rows): load; drop the test splits that
+    ``--eval_splits`` leaves out (model selection never reads them); carve val_retain and
+    val_forget out of the training pool; then ``--forget_size``; then the caps."""
+    splits = apply_caps(_before_caps(config), {s: config.caps.get(s) for s in EVAL_SPLITS}, config.data_seed)
     for s, df in splits.items():
         if len(df) == 0:
             raise DataError(f"{s}: the split is empty after caps")
     return {s: splits[s] for s in EVAL_SPLITS if s in splits}
+
+
+def unused_retain(config: DataConfig, n: int, flag: str = "--pseudo_retain") -> pd.DataFrame:
+    """``n`` rows of the training pool's retain side that no split of ``prepare_splits(config)``
+    holds: the rows the ``--max_train_retain`` cap leaves out (the validation rows were carved
+    before it), minus any whose text is also in a train or validation split and any repeated text. A uniform draw seeded
+    by ``--data_seed`` (the labels are not read); the test splits are not touched, so selection
+    (no test splits) and the table runs draw the same rows. With no cap there are none."""
+    before = _before_caps(config)
+    pool = before["train_retain"]
+    keep = cap_rows(pool, config.caps.get("train_retain"), config.data_seed)
+    left = np.ones(len(pool), dtype=bool)
+    if keep is None:
+        left[:] = False
+    else:
+        left[keep] = False
+    used = set()
+    for s, df in apply_caps(before, {s: config.caps.get(s) for s in EVAL_SPLITS}, config.data_seed).items():
+        if s not in TEST_SPLITS:
+            used |= set(df["text"])
+    left &= ~pool["text"].isin(used).to_numpy() & ~pool["text"].duplicated().to_numpy()
+    rows = np.flatnonzero(left)
+    if n > len(rows):
+        raise DataError(f"{flag} {n}: the training pool has {len(rows)} retain rows that no split uses "
+                        f"(only a --max_train_retain cap leaves some unused)")
+    pick = np.sort(np.random.default_rng([config.data_seed, 15485863]).choice(rows, n, replace=False))
+    return pool.iloc[pick].reset_index(drop=True)
 
 
 def encode_frame(encoder, df: pd.DataFrame, is_forget: bool, targets: list[str] | None = None) -> list[dict]:
