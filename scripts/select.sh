@@ -25,10 +25,12 @@ if [ "$PROFILE" = cpu ]; then
   # earlier selections swept all missed the utility bound on seed 1 by 9-32 points (same docs).
   # The last config is the 16-epoch one with the weights averaged over the last ~100 updates
   # (--ema_decay 0.99; the trajectory is the same, only the weights kept at the end differ).
+  # The last adds 128 unused retain reviews of the training pool labelled with the fine-tuned
+  # model's own answers (--pseudo_retain 128; +57% steps per epoch).
   NAMES="--hard_prefix instruction --generic_label unknown"
   CF="--counterfactual_retain 0.5"
   BASE="--alpha 1 --beta 2 --stratify_batches $CF $NAMES"
-  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 6 $BASE;--lr 5e-3 --num_epochs 6 $BASE;--lr 3e-3 --num_epochs 8 $BASE;--lr 3e-3 --num_epochs 12 $BASE;--lr 3e-3 --num_epochs 16 $BASE;--lr 3e-3 --num_epochs 16 $BASE --ema_decay 0.99}"
+  : "${SPUL_GRID:=--lr 3e-3 --num_epochs 6 $BASE;--lr 5e-3 --num_epochs 6 $BASE;--lr 3e-3 --num_epochs 8 $BASE;--lr 3e-3 --num_epochs 12 $BASE;--lr 3e-3 --num_epochs 16 $BASE;--lr 3e-3 --num_epochs 16 $BASE --ema_decay 0.99;--lr 3e-3 --num_epochs 16 $BASE --ema_decay 0.99 --pseudo_retain 128}"
 else
   : "${SPUL_GRID:=--lr 1e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 1e-4 --num_epochs 10 --alpha 1 --beta 1;--lr 3e-4 --num_epochs 10 --alpha 1 --beta 0.5;--lr 3e-4 --num_epochs 10 --alpha 0.5 --beta 1}"
 fi
