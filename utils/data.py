@@ -272,16 +272,16 @@ def prepare_splits(config: DataConfig) -> dict[str, pd.DataFrame]:
 def unused_retain(config: DataConfig, n: int, flag: str = "--pseudo_retain") -> pd.DataFrame:
     """``n`` rows of the training pool's retain side that no split of ``prepare_splits(config)``
     holds: the rows the ``--max_train_retain`` cap leaves out (the validation rows were carved
-    before it), minus any whose text is also in a train or validation split and any repeated text. A uniform draw seeded
-    by ``--data_seed`` (the labels are not read); the test splits are not touched, so selection
-    (no test splits) and the table runs draw the same rows. With no cap there are none."""
+    before it), minus any whose text is also in a train or validation split and any repeated
+    text. A uniform draw seeded by ``--data_seed`` (the labels are not read); the test splits
+    are not touched, so selection (no test splits) and the table runs draw the same rows. With
+    no cap there are none."""
     before = _before_caps(config)
     pool = before["train_retain"]
     keep = cap_rows(pool, config.caps.get("train_retain"), config.data_seed)
-    left = np.ones(len(pool), dtype=bool)
-    if keep is None:
-        left[:] = False
-    else:
+    left = np.zeros(len(pool), dtype=bool)
+    if keep is not None:  # no cap: every row is trained on
+        left[:] = True
         left[keep] = False
     used = set()
     for s, df in apply_caps(before, {s: config.caps.get(s) for s in EVAL_SPLITS}, config.data_seed).items():
