@@ -34,7 +34,7 @@ from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings, save_prefix
 from utils.models import add_lora, lora_config, lora_target_modules, select_device, set_pad_token_id
-from utils.runs import atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
+from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
@@ -188,7 +188,7 @@ def run_training_free(args, data, method, out: Path, qlora_manifest, splits) -> 
         # the run is rebuilt from the QLoRA run it points to: an absolute path, found from any working directory
         qlora_run = Path(args.model_checkpoints).resolve() if args.model_checkpoints else None
         with atomic_run_dir(out, args.overwrite) as tmp:
-            loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+            loaded.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             saved = {"weights": None, **(save_prefix(tmp, loaded.tokenizer, guard.text) if guard.text is not None else {})}
             manifest = run_manifest(
                 "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
@@ -260,7 +260,7 @@ def main(argv=None):
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
             saved = save_unlearned(tmp, model, args.lora, args.model_checkpoints)
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = run_manifest(
                 "baseline", data, splits, model_name=args.model_name, model_path=loaded.model_path, seed=args.seed,
                 threads=args.threads,

@@ -25,7 +25,7 @@ from utils.models import (
     weights_hash,
 )
 from utils.qlora_run import label_ce
-from utils.runs import atomic_run_dir, check_output, default_run_name, run_manifest, save_run
+from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_name, run_manifest, save_run
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, seed_everything, train
@@ -86,7 +86,7 @@ def main(argv=None):
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
             model.save_pretrained(tmp / "adapter")
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             manifest = run_manifest(
                 "qlora", data, splits, model_name=args.model_name, model_path=model_path, seed=args.seed, threads=args.threads,
                 quantized=quantized, adapter_sha256=weights_hash(tmp / "adapter"), lora_target_modules=sorted(lora.target_modules),

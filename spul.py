@@ -21,11 +21,11 @@ from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
 from utils.guardrails import HARD_PREFIXES, hard_prefix_text, prefix_embeddings, save_prefix
 from utils.prompt import PROMPT_NORMS, add_prompt, prompt_embeddings, save_prompt, token_embedding_norm, trainable_parameters, with_hard_prefix
-from utils.runs import atomic_run_dir, check_output, default_run_name, save_run
+from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_name, save_run
 from utils.spul_loss import SpulObjective, forget_fit_note, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
-from utils.spul_run import TOKENIZER_DIR, check_sources, resume_encoder, spul_manifest
+from utils.spul_run import check_sources, resume_encoder, spul_manifest
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, seed_everything, train

@@ -28,3 +28,43 @@ def test_constant_predictor_f1():
     assert m["accuracy"] == 75.0
     # class 1: P=3/4, R=1, F1=6/7, weight 3/4; class 0: F1 0
     assert abs(m["f1"] - 100 * 0.75 * 6 / 7) < 1e-9
+
+
+def test_seed_spread_by_hand():
+    from utils.metrics import seed_spread
+
+    # one review flips between the seeds: accuracies 50 / 25, population std 12.5; rates
+    # p = (1, 0.5, 0, 0): sqrt(0.25) / 4 = 12.5%; three of four reviews agree on both seeds
+    s = seed_spread([[1, 1, 0, 0], [1, 0, 0, 0]])
+    assert s == {"accuracies": [50.0, 25.0], "std": 12.5, "review_std": 12.5, "same_share": 75.0}
+    # whole seeds differ: std 50 against 25 for independent coins at p = 0.5
+    s = seed_spread([[1, 1, 1, 1], [0, 0, 0, 0]])
+    assert (s["std"], s["review_std"], s["same_share"]) == (50.0, 25.0, 0.0)
+    # the flips cancel: the same accuracy on both seeds, though no review agrees
+    s = seed_spread([[1, 1, 0, 0], [0, 0, 1, 1]])
+    assert (s["std"], s["review_std"], s["same_share"]) == (0.0, 25.0, 0.0)
+
+
+def test_seed_spread_review_std_is_the_mean_variance_of_independent_reviews():
+    """Reviews flipped independently at their own rates: over many draws of three seeds the
+    mean population variance of the accuracy equals the mean of review_std squared."""
+    from utils.metrics import seed_spread
+
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0, 0.4, 64)
+    var, review = [], []
+    for _ in range(4000):
+        s = seed_spread(rng.random((3, 64)) < rates)
+        var.append(s["std"] ** 2)
+        review.append(s["review_std"] ** 2)
+    assert abs(np.mean(var) / np.mean(review) - 1) < 0.05
+    assert abs(np.mean(var) - 2 / 3 * (rates * (1 - rates)).sum() / 64**2 * 1e4) / np.mean(var) < 0.05
+
+
+def test_seed_spread_needs_two_seeds():
+    import pytest
+
+    from utils.metrics import seed_spread
+
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        seed_spread([[1, 0, 1]])

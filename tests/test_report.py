@@ -106,3 +106,67 @@ def test_audit_refuses_an_oracle_on_other_rows(tmp_path, capsys):
             fake_audited_run(tmp_path / "spul-s1", 1, 0.6, [0.6, 0.7, 0.8])]
     assert main(runs) == 2
     assert "differ from the retrain oracle" in capsys.readouterr().err
+
+
+def fake_recorded_run(path, seed, outcomes, labels, tokenizer):
+    """A run folder whose records answer review i of every split with its true label when
+    ``outcomes[i]`` (else with a generic label), with the metrics that gives and the tokenizer."""
+    from utils.evaluation import label_token_ids
+    from utils.template import Encoder
+
+    ids = label_token_ids(Encoder(tokenizer, 64), ["negative", "positive"])
+    unknown = tokenizer.convert_tokens_to_ids("unknown")
+    path.mkdir(parents=True)
+    tokenizer.save_pretrained(path / "tokenizer")
+    (path / "manifest.json").write_text(json.dumps({"kind": "spul", "seed": seed, "task": "sentiment"}))
+    acc = 100 * sum(outcomes) / len(outcomes)
+    (path / "metrics.json").write_text(json.dumps({s: {"accuracy": acc, "f1": acc} for s in SPLITS}))
+    records = [{"split": s, "row": i, "label": y, "pred_id": ids[y] if ok else unknown, "label_logprobs": [-0.7, -0.7]}
+               for s in SPLITS for i, (ok, y) in enumerate(zip(outcomes, labels))]
+    (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_spread_reads_review_outcomes_from_the_records(tmp_path, capsys):
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    labels = [0, 1, 1, 0]
+    runs = [fake_recorded_run(tmp_path / "spul-s1", 1, [1, 1, 0, 0], labels, tok),
+            fake_recorded_run(tmp_path / "spul-s2", 2, [1, 0, 0, 0], labels, tok),
+            fake_run(tmp_path / "qlora-s1", 90.0)]  # one seed: no spread row, no records needed
+    out = tmp_path / "spread.md"
+    assert main(runs + ["--spread", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 + len(SPLITS)
+    assert lines[2] == "| SPUL | train retain | 50.00 / 25.00 | 12.50 | 12.50 | 75.0% |"
+    assert "seed spread:" in capsys.readouterr().out
+
+
+def test_spread_refuses_records_that_disagree_with_the_metrics(tmp_path, capsys):
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    a = fake_recorded_run(tmp_path / "spul-s1", 1, [1, 1, 0, 0], [0, 1, 1, 0], tok)
+    b = fake_recorded_run(tmp_path / "spul-s2", 2, [1, 0, 0, 0], [0, 1, 1, 0], tok)
+    (tmp_path / "spul-s2" / "metrics.json").write_text(json.dumps({s: {"accuracy": 50.0, "f1": 50.0} for s in SPLITS}))
+    out = tmp_path / "spread.md"
+    assert main([a, b, "--spread", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not give its metrics.json accuracy (50.00)" in err
+    assert not out.exists()
+
+
+def test_spread_refuses_seeds_on_other_data_and_runs_without_a_tokenizer(tmp_path, capsys):
+    import shutil
+
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    a = fake_recorded_run(tmp_path / "spul-s1", 1, [1, 1, 0, 0], [0, 1, 1, 0], tok)
+    b = fake_recorded_run(tmp_path / "spul-s2", 2, [1, 1, 0, 0], [1, 1, 1, 0], tok)
+    assert main([a, b, "--spread", str(tmp_path / "s.md")]) == 2
+    assert "the seeds' train_retain rows differ" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "spul-s1" / "tokenizer")
+    assert main([a, b, "--spread", str(tmp_path / "s.md")]) == 2
+    assert "no tokenizer/ here or in the run it evaluated" in capsys.readouterr().err

@@ -53,7 +53,7 @@ from utils.forward import label_logits, to_device
 from utils.loading import Loaded, LoadSource, load_merged, load_source_or_base
 from utils.losses import ce_per_sample, global_count, kl_per_sample, masked_mean, sequence_logprob
 from utils.models import load_model, load_tokenizer, set_pad_token_id, weights_hash
-from utils.runs import RunError
+from utils.runs import TOKENIZER_DIR, RunError
 from utils.template import IGNORE, collate
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +526,7 @@ def load_baseline(run_dir: Path, manifest: dict, device, load_source: LoadSource
     """A baseline run folder -> the unlearned model (full precision, adapters merged), or for a
     training-free run the model it points to with its prefix as ``prompt``."""
     run_dir = Path(run_dir)
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     saved = manifest["saved"]
     if saved["weights"] is None:
         return _load_training_free(run_dir, manifest, tokenizer, device, load_source)

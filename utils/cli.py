@@ -17,7 +17,7 @@ import torch
 from utils import distributed
 from utils.data import DATASETS, DEFAULT_DATASET, EVAL_SPLITS, VAL_SPLITS, DataConfig, DataError, resolve_task, split_fingerprint
 from utils.models import DEFAULT_MODEL, ModelNotFound, load_tokenizer, resolve_model, short_reason
-from utils.runs import RunError, read_manifest
+from utils.runs import TOKENIZER_DIR, RunError, read_manifest
 from utils.splits import SplitError
 from utils.task import TASKS
 from utils.template import Encoder, check_labels
@@ -248,7 +248,7 @@ def check_tokenizer(args) -> None:
         if trained_on != task.name:
             raise UsageError(f"--model_checkpoints {args.model_checkpoints}: a run of the {trained_on} task; "
                              f"--dataset {args.dataset} is read as the {task.name} task (pass --task {trained_on} or other data)")
-        flag, path = "--model_checkpoints", Path(args.model_checkpoints) / "tokenizer"
+        flag, path = "--model_checkpoints", Path(args.model_checkpoints) / TOKENIZER_DIR
         if not path.is_dir():
             raise RunError(f"--model_checkpoints {args.model_checkpoints}: has no tokenizer/ folder (an incomplete run?)")
     else:

@@ -17,7 +17,7 @@ from utils import baselines, qlora_run, spul_run
 from utils.binding import check_binding
 from utils.loading import Loaded
 from utils.models import load_tokenizer, short_reason
-from utils.runs import RunError, read_manifest
+from utils.runs import TOKENIZER_DIR, RunError, read_manifest
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def read_run_tokenizer(run, flag: str = "RUN") -> tuple[dict, object]:
     """A finished run folder's manifest (of a loadable kind) and tokenizer, without loading any
     model: for the checks a command makes before it loads one. One-line errors name ``flag``."""
     manifest = read_manifest(Path(run), flag, tuple(KINDS))
-    path = Path(run) / "tokenizer"
+    path = Path(run) / TOKENIZER_DIR
     if not path.is_dir():
         raise RunError(f"{flag} {run}: has no tokenizer/ folder (an incomplete run?)")
     try:

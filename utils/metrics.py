@@ -47,3 +47,30 @@ def classification_metrics(
     dist["other"] = int(((y_pred == OTHER) & ~generic).sum())
     out["predictions"] = dist
     return out
+
+
+def seed_spread(correct) -> dict:
+    """How one split's accuracy spreads over seeds, read from its per-review outcomes.
+
+    ``correct``: (seeds, reviews) array of 0/1, one row per seed, the same reviews in the same
+    order. Returns, in %: ``accuracies`` (per seed), ``std`` (their population std, as the
+    tables print it), ``review_std`` and ``same_share``.
+
+    ``review_std`` is the spread the seeds would show if every review were its own coin, flipped
+    independently on each seed with the rate it has over these seeds (p_i): sqrt(sum p_i (1 - p_i))
+    / n. Under that model it is what the population variance over S seeds comes to on average
+    (both carry the same (S - 1) / S factor), so ``std`` well above it means whole seeds differ
+    (one seed keeps many reviews, another few), and ``std`` near it means the spread is
+    review-by-review chance, which no single fix of a seed removes. ``same_share``: the reviews
+    with the same outcome on every seed."""
+    c = np.asarray(correct, dtype=float)
+    if c.ndim != 2 or c.shape[0] < 2 or c.shape[1] == 0:
+        raise ValueError(f"need (seeds >= 2, reviews >= 1) outcomes, got shape {c.shape}")
+    acc = 100 * c.mean(axis=1)
+    p = c.mean(axis=0)
+    return {
+        "accuracies": [float(a) for a in acc],
+        "std": float(acc.std()),
+        "review_std": float(100 * np.sqrt((p * (1 - p)).sum()) / c.shape[1]),
+        "same_share": float(100 * ((p == 0) | (p == 1)).mean()),
+    }

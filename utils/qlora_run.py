@@ -11,9 +11,9 @@ from utils.forward import label_logits
 from utils.loading import Loaded, LoadSource, load_merged
 from utils.losses import batch_mean, ce_per_sample, global_count
 from utils.models import load_tokenizer
+from utils.runs import TOKENIZER_DIR
 
 ADAPTER_DIR = "adapter"
-TOKENIZER_DIR = "tokenizer"
 
 
 def label_ce(model, batch):

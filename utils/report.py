@@ -10,7 +10,13 @@ membership-inference AUC under the LOSS and the stable logit score; when a retra
 the same seed is among the runs (a ``qlora.py --retain_only`` run, found by its manifest),
 privleak against it and the KS forget-quality p-value on train_forget.
 
+Seed spread (``--spread``), for every row with two seeds or more, from the runs' per-review
+records: each split's accuracy per seed, its std, the std that independent review-by-review
+chance alone would give (``utils.metrics.seed_spread``) and the share of reviews with the same
+outcome on every seed; it tells whole seeds that differ from coin flips spread over reviews.
+
     python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png] [--mia_plot F.png]
+                           [--spread F.md]
 """
 from __future__ import annotations
 
@@ -25,7 +31,12 @@ import numpy as np
 from utils import mia
 from utils.baselines import METHODS
 from utils.data import EVAL_SPLITS
-from utils.runs import AUDIT, MANIFEST, METRICS, RECORDS, read_json, read_records
+from utils.evaluation import label_token_ids
+from utils.metrics import seed_spread
+from utils.models import load_tokenizer
+from utils.runs import AUDIT, MANIFEST, METRICS, RECORDS, TOKENIZER_DIR, read_json, read_records
+from utils.task import SENTIMENT, TASKS
+from utils.template import Encoder
 
 DISPLAY = {
     "vanilla": "Vanilla (argmax)",
@@ -183,6 +194,57 @@ def write_csv(summary: dict[str, dict], path: Path) -> None:
             )
 
 
+def run_label_ids(run: dict) -> list[int]:
+    """The token id each label word is counted as in the run's accuracy (the first token of the
+    word after the task's template, ``utils.evaluation.label_token_ids``), from the tokenizer the
+    run saved; an eval folder's from the run it evaluated (its ``source``)."""
+    manifest = run["manifest"]
+    task = TASKS.get((manifest.get("evaluated") or manifest).get("task", SENTIMENT.name), SENTIMENT)
+    folders = [run["dir"] / TOKENIZER_DIR] + ([Path(manifest["source"]) / TOKENIZER_DIR] if manifest.get("source") else [])
+    folder = next((f for f in folders if f.is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(f"{run['dir']}: no {TOKENIZER_DIR}/ here or in the run it evaluated (needed by --spread)")
+    encoder = Encoder(load_tokenizer(str(folder)), max_length=4096, task=task)  # the label tokens do not depend on max_length
+    return label_token_ids(encoder, task.label_words)
+
+
+def review_outcomes(run: dict, split: str, label_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, answered with the true label) per review of ``split``, in row order, from the
+    run's records; checked against the accuracy in its metrics.json."""
+    rows = sorted((r for r in read_records(run["dir"]) if r["split"] == split), key=lambda r: r["row"])
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    correct = np.array([r["pred_id"] == label_ids[r["label"]] for r in rows], dtype=bool)
+    expected = run["metrics"][split]["accuracy"]
+    if not rows or abs(100 * correct.mean() - expected) > 1e-6:
+        raise ValueError(f"{run['dir']}: the records of {split} do not give its metrics.json accuracy ({expected:.2f})")
+    return labels, correct
+
+
+def spreads(rows: dict[str, list[dict]], splits) -> dict[str, dict[str, dict]]:
+    """{row name: {split: utils.metrics.seed_spread}} for the rows with two seeds or more."""
+    out = {}
+    for name, runs in rows.items():
+        if len(runs) < 2:
+            continue
+        ids = run_label_ids(runs[0])
+        out[name] = {}
+        for split in splits:
+            outcomes = [review_outcomes(r, split, ids) for r in runs]
+            if any(len(l) != len(outcomes[0][0]) or not np.array_equal(l, outcomes[0][0]) for l, _ in outcomes):
+                raise ValueError(f"{name}: the seeds' {split} rows differ (not the same data: --data_seed, caps)")
+            out[name][split] = seed_spread(np.stack([c for _, c in outcomes]))
+    return out
+
+
+def spread_markdown(spread: dict[str, dict[str, dict]]) -> str:
+    lines = ["| method | split | ACC per seed | std | review-level std | same on every seed |", "|---|---|---|---|---|---|"]
+    for name, per_split in spread.items():
+        for split, s in per_split.items():
+            lines.append(f"| {name} | {split.replace('_', ' ')} | {' / '.join(f'{a:.2f}' for a in s['accuracies'])} "
+                         f"| {s['std']:.2f} | {s['review_std']:.2f} | {s['same_share']:.1f}% |")
+    return "\n".join(lines)
+
+
 def point_labels(points: dict[str, tuple[float, float]]) -> dict[tuple[float, float], str]:
     """One label per distinct point: names whose points coincide (to 0.01) share it, joined
     by ", " in row order, so that collapsed runs do not print over each other."""
@@ -256,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV here")
     p.add_argument("--plot", help="also write the forget-vs-retain trade-off plot (PNG) here")
     p.add_argument("--mia_plot", help="also write the MIA plot (forget-set MIA AUC against test retain ACC, PNG) here")
+    p.add_argument("--spread", help="also print, and write here (markdown), how each split's ACC spreads over the seeds "
+                                    "of every row with two or more: per-seed ACC, std, the std review-by-review chance "
+                                    "alone would give, and the share of reviews with the same outcome on every seed "
+                                    "(needs each run's records.jsonl and tokenizer)")
     return p
 
 
@@ -264,7 +330,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         p.error("--names: give one name per run folder")
-    for flag in ("markdown", "csv", "plot", "mia_plot"):  # output folders made (or refused) before any work
+    for flag in ("markdown", "csv", "plot", "mia_plot", "spread"):  # output folders made (or refused) before any work
         out = getattr(args, flag)
         if out is None:
             continue
@@ -279,10 +345,11 @@ def main(argv=None) -> int:
     try:
         rows = collect(args.runs, args.names)
         add_audit(rows)
-    except (FileNotFoundError, ValueError) as e:
+        splits = shown_splits(rows)
+        spread = spreads(rows, splits) if args.spread else None
+    except (FileNotFoundError, ValueError) as e:  # RunError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    splits = shown_splits(rows)
     summary = {name: summarise(runs, splits) for name, runs in rows.items()}
     table = markdown(summary)
     print(table)
@@ -294,6 +361,10 @@ def main(argv=None) -> int:
         plot(summary, Path(args.plot))
     if args.mia_plot:
         mia_plot(summary, Path(args.mia_plot))
+    if spread is not None:
+        text = spread_markdown(spread)
+        print("\nseed spread:\n" + text)
+        Path(args.spread).write_text(text + "\n")
     return 0
 
 

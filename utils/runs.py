@@ -20,6 +20,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 RECORDS = "records.jsonl"  # one JSON object per evaluated example (utils.evaluation.example_records)
 AUDIT = "audit.json"  # membership-inference AUCs (utils.mia)
+TOKENIZER_DIR = "tokenizer"  # the tokenizer a run saved beside its weights
 
 
 class RunError(ValueError):

@@ -16,10 +16,9 @@ from utils.cli import UsageError
 from utils.loading import Loaded, LoadSource, load_source_or_base
 from utils.models import DEFAULT_MODEL, load_tokenizer, resolve_model, weights_hash
 from utils.prompt import ENCODER_FILE, PROMPT_DIR, join_prefix, load_encoder_weights, load_prompt, prompt_summary
-from utils.runs import read_manifest, run_manifest, warn_if_oracle
+from utils.runs import TOKENIZER_DIR, read_manifest, run_manifest, warn_if_oracle
 from utils.splits import sha256_file
 
-TOKENIZER_DIR = "tokenizer"
 # what a SPUL manifest adds to utils.runs.run_manifest's
 MANIFEST_FIELDS = ("source_kind", "qlora_run", "qlora_adapter_sha256", "qlora_splits", "tokenizer", "prompt",
                    "prompt_sha256", "prompt_encoder_sha256", "alpha", "beta", "generic_label_counts", "resumed_from",
