@@ -174,9 +174,11 @@ baseline_stage() {  # baseline_stage SEED METHOD [RUN_NAME [extra baselines.py f
     --train_batch_size "$BATCH" $(selected_flags "$method") "${USER_BASELINE[@]}" "$@" --output_path "$OUT/$name"
 }
 
-report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot next to the runs
+report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot next to the runs (and the seed spread with two SEEDS or more)
   local name=$1; shift
   local files=(--markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png" --mia_plot "$OUT/$name-mia.png")
+  local -a seeds; read -r -a seeds <<< "$SEEDS"
+  [ "${#seeds[@]}" -gt 1 ] && files+=(--spread "$OUT/$name-spread.md")  # how each row's ACC spreads over the seeds
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$PY -m utils.report $* ${files[*]}"; return; fi
   run_plan
   $PY -m utils.report "$@" "${files[@]}"

@@ -170,3 +170,10 @@ def test_spread_refuses_seeds_on_other_data_and_runs_without_a_tokenizer(tmp_pat
     shutil.rmtree(tmp_path / "spul-s1" / "tokenizer")
     assert main([a, b, "--spread", str(tmp_path / "s.md")]) == 2
     assert "no tokenizer/ here or in the run it evaluated" in capsys.readouterr().err
+
+
+def test_spread_without_a_row_of_two_seeds_is_one_line(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "qlora-s1", 90.0), fake_run(tmp_path / "spul-s1", 10.0)]
+    assert main(runs + ["--spread", str(tmp_path / "s.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--spread: no row has two seeds or more" in err

@@ -59,6 +59,9 @@ def test_table2_runs_every_method_and_seed():
     assert [(a.lr, a.num_epochs, a.train_batch_size) for a in oracles] == [(a.lr, a.num_epochs, a.train_batch_size) for a in qloras]
     report = parsed[-1][1]
     assert sum(r.endswith("retrain-s7") for r in report.runs) == 1 and report.mia_plot
+    assert report.spread.endswith("table2-spread.md")  # two seeds: the seed spread too
+    one_seed = parse(dry_run("table2.sh", PROFILE="cpu", SEEDS="7")[-1])[1]
+    assert one_seed.markdown.endswith("table2.md") and one_seed.spread is None
 
 
 def test_audit_attacks_spul_the_chosen_baseline_and_the_oracle():

@@ -347,6 +347,8 @@ def main(argv=None) -> int:
         add_audit(rows)
         splits = shown_splits(rows)
         spread = spreads(rows, splits) if args.spread else None
+        if spread == {}:
+            raise ValueError("--spread: no row has two seeds or more (run folders that differ only in -s<seed>)")
     except (FileNotFoundError, ValueError) as e:  # RunError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
