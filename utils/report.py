@@ -91,9 +91,14 @@ def collect(run_dirs, names=None) -> dict[str, list[dict]]:
     return rows
 
 
+def split_records(run_dir: Path, split: str) -> list[dict]:
+    """A run's records of ``split``, in row order."""
+    return sorted((r for r in read_records(run_dir) if r["split"] == split), key=lambda r: r["row"])
+
+
 def true_label_probs(run_dir: Path, split: str = "train_forget") -> tuple[np.ndarray, np.ndarray]:
     """(labels, p(true label)) of ``split`` from a run's records, in row order."""
-    rows = sorted((r for r in read_records(run_dir) if r["split"] == split), key=lambda r: r["row"])
+    rows = split_records(run_dir, split)
     labels = np.array([r["label"] for r in rows], dtype=int)
     return labels, np.exp(mia.true_logprob([r["label_logprobs"] for r in rows], labels))
 
@@ -211,7 +216,7 @@ def run_label_ids(run: dict) -> list[int]:
 def review_outcomes(run: dict, split: str, label_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, answered with the true label) per review of ``split``, in row order, from the
     run's records; checked against the accuracy in its metrics.json."""
-    rows = sorted((r for r in read_records(run["dir"]) if r["split"] == split), key=lambda r: r["row"])
+    rows = split_records(run["dir"], split)
     labels = np.array([r["label"] for r in rows], dtype=int)
     correct = np.array([r["pred_id"] == label_ids[r["label"]] for r in rows], dtype=bool)
     expected = run["metrics"][split]["accuracy"]
