@@ -2,10 +2,14 @@
 ...``, ``accelerate launch ... X.py ...``) parses with that entry point's own parser, with the
 block's variables set as the block sets them (``CAPS=...``, ``source scripts/selected/*.env``,
 a loop's first value), so that a renamed or removed flag cannot stay in the README. Nothing
-is run: the variables are expanded here, in Python."""
+is run: the variables are expanded here, in Python.
+
+The README and every page of docs/ are also checked as documents: every relative link reaches
+an existing file and heading, and every table has the separator row it needs to render."""
 import importlib
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,80 @@ def test_every_readme_command_parses(target, args):
         module.build_parser().parse_args(args)
     except SystemExit:
         pytest.fail(f"README: {target} does not accept: {shlex.join(args)}")
+
+
+# --- the README and docs/ as documents: links that resolve, tables that render ----------------
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks (blank strings in their place, so numbering holds)."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            out.append("")
+        else:
+            out.append("" if fenced else line)
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> Iterator[str]:
+    seen: dict[str, int] = {}
+    for line in prose_lines(text):
+        if m := re.match(r"^#{1,6} (.*)", line):
+            s = slug(m.group(1))
+            seen[s] = seen.get(s, 0) + 1
+            yield s if seen[s] == 1 else f"{s}-{seen[s] - 1}"
+
+
+def dead_links(path: Path) -> list[str]:
+    dead = []
+    for target in LINK.findall("\n".join(prose_lines(path.read_text()))):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            dead.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in set(anchors(dest.read_text())):
+            dead.append(f"{target} (no such heading)")
+    return dead
+
+
+def headerless_tables(text: str) -> list[int]:
+    """Line numbers (1-based) of table headers not followed by a separator row."""
+    lines = prose_lines(text)
+    return [i + 1 for i, line in enumerate(lines)
+            if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|"))
+            and not (i + 1 < len(lines) and SEPARATOR.match(lines[i + 1].strip()))]
+
+
+def test_slug_and_checks_by_hand():
+    assert slug("Performance (`bench.py`)") == "performance-benchpy"
+    assert slug("SPUL's flags of ours: what each did") == "spuls-flags-of-ours-what-each-did"
+    assert list(anchors("# A\n```\n# not a heading\n```\n## A\n")) == ["a", "a-1"]
+    assert headerless_tables("text\n| a | b |\n| 1 | 2 |\n\n| a |\n|---|\n| 1 |\n") == [2]
+
+
+def test_dead_links_are_found(tmp_path):
+    (tmp_path / "x.md").write_text("# Top\n[ok](#top) [bad](#nowhere) [gone](y.md) [web](https://e.org/z)\n")
+    assert dead_links(tmp_path / "x.md") == ["#nowhere (no such heading)", "y.md (no such file)"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_resolves(path):
+    assert dead_links(path) == []
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_table_has_its_separator_row(path):
+    assert headerless_tables(path.read_text()) == []
