@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPUL trained longer at CPU scale: 20 epochs at lr 5e-3 with length-grouped batches, the KL
 # weight raised to beta 2 and name-swapped retain copies of a quarter of the forget reviews
-# (--counterfactual_retain 0.25): the run in the README's "SPUL at CPU scale" section that meets
+# (--counterfactual_retain 0.25): the run in docs/experiments-cpu.md, "Before validation splits", that met
 # issue 3's target (train forget -73, test retain -4.7). With the defaults it writes next to
 # the main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA stages, adds runs/main/spul-long-s42 (about 26 minutes on 2 CPU
 # cores) and reports vanilla, QLoRA and SPUL in runs/main/spul_long.md. Overrides: LONG_EPOCHS

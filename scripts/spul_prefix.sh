@@ -4,11 +4,11 @@
 # soft prompt (--hard_prefix instruction), one generic label for every forget sample
 # (--generic_label unknown, the label the instruction asks for) and 16 epochs. The two-seed
 # selection now picks all three itself, so today this trains the selected recipe; they stay
-# here so that this recipe does not depend on the env file. Chosen on validation data (see the
-# README's "SPUL with the names in front"). With the defaults it writes next to the
+# here so that this recipe does not depend on the env file. Chosen on validation data (see
+# docs/results-cpu.md, "SPUL with the names in front"). With the defaults it writes next to the
 # main job (OUT=runs/main, PROFILE=cpu), reuses its vanilla and QLoRA stages, adds
 # runs/main/spul-prefix-s42 and reports vanilla, QLoRA and this SPUL in runs/main/spul_prefix.md.
-# The README's three-seed figures: THREADS=1 SEEDS="42 1 2" OUT=runs/prefix bash scripts/spul_prefix.sh
+# The three-seed figures in docs/results-cpu.md: THREADS=1 SEEDS="42 1 2" OUT=runs/prefix bash scripts/spul_prefix.sh
 # Overrides: PREFIX_EPOCHS, PREFIX_FLAGS (extra spul.py flags) and everything in scripts/common.sh.
 PROFILE=${PROFILE:-cpu}
 OUT=${OUT:-runs/main}
