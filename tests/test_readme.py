@@ -167,3 +167,14 @@ def test_every_relative_link_resolves(path):
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_every_table_has_its_separator_row(path):
     assert headerless_tables(path.read_text()) == []
+
+
+def test_the_code_map_names_every_module():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Code map"):]
+    section = section[:section.index("\n## ", 1)]
+    named = set(re.findall(r"`([\w/]+\.py)`", section))
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "utils").glob("*.py") if p.name != "__init__.py"}
+    entry = {f"{name}.py" for name in ENTRY.values()}
+    assert modules | entry <= named, sorted((modules | entry) - named)
+    assert named <= modules | entry, sorted(named - modules - entry)

@@ -1,4 +1,4 @@
-"""The toolkit's shared library (see README.md for the map of its modules)."""
+"""The toolkit's shared library (README.md, "Code map", says what each module holds)."""
 import logging
 import warnings
 
