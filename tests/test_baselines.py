@@ -293,6 +293,25 @@ def _run(args):
     baselines.main([str(a) for a in args])
 
 
+def test_fine_tuning_stages_do_not_depend_on_the_thread_count(tiny_model_dir, data_args, tmp_path):
+    """QLoRA and a full fine-tuning baseline at --threads 1 and 2 write byte-identical metrics and
+    weights, as SPUL does (tests/test_spul_e2e.py). On the tiny model's small shapes; the same
+    commands at SmolLM2's shapes are measured in docs/experiments-cpu.md."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            qlora.main(["--model_name", tiny_model_dir, "--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-3",
+                        "--threads", str(n), "--output_path", str(tmp_path / f"q{n}")] + data_args)
+            _run(["--model_checkpoints", tmp_path / "q1", "--unlearn_method", "gradient_ascent_descent", "--lr", "1e-3",
+                  "--threads", n, "--output_path", tmp_path / f"gd{n}"] + data_args)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("q{}/metrics.json", "q{}/adapter/adapter_model.safetensors", "gd{}/metrics.json",
+                 "gd{}/model/model.safetensors"):
+        one, two = (tmp_path / name.format(n) for n in (1, 2))
+        assert one.read_bytes() == two.read_bytes(), name.format("N")
+
+
 @pytest.mark.parametrize("method", [n for n, m in METHODS.items() if not m.training_free])
 def test_each_method_end_to_end(method, qlora_run, data_args, tmp_path, capsys):
     out = tmp_path / method
