@@ -10,6 +10,7 @@ import torch
 import baselines
 import inference_spul
 import qlora
+from tests.conftest import write_splits
 from utils.baselines import (
     METHODS,
     AdapterOffReference,
@@ -293,10 +294,13 @@ def _run(args):
     baselines.main([str(a) for a in args])
 
 
-def test_fine_tuning_stages_do_not_depend_on_the_thread_count(tiny_model_dir, data_args, tmp_path):
+def test_fine_tuning_stages_do_not_depend_on_the_thread_count(tiny_model_dir, tmp_path):
     """QLoRA and a full fine-tuning baseline at --threads 1 and 2 write byte-identical metrics and
-    weights, as SPUL does (tests/test_spul_e2e.py). On the tiny model's small shapes; the same
-    commands at SmolLM2's shapes are measured in docs/experiments-cpu.md."""
+    weights, as SPUL does (tests/test_spul_e2e.py). On the tiny model's small shapes and splits
+    made here (so it runs without ../shared); the same commands at SmolLM2's shapes are measured
+    in docs/experiments-cpu.md."""
+    data_args = ["--data_dir", str(write_splits(tmp_path / "data", rows=16)), "--max_length", "64",
+                 "--eval_batch_size", "8"]
     before = torch.get_num_threads()
     try:
         for n in (1, 2):
