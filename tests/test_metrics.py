@@ -68,3 +68,28 @@ def test_seed_spread_needs_two_seeds():
 
     with pytest.raises(ValueError, match="seeds >= 2"):
         seed_spread([[1, 0, 1]])
+
+
+def test_paired_difference_by_hand():
+    from utils.metrics import paired_difference
+
+    # differences 2, 4, 6: mean 4, sample std 2, t(0.975, 2 df) = 4.302653 -> half-width 4.302653 * 2 / sqrt(3)
+    d = paired_difference([90, 92, 94], [88, 88, 88])
+    half = 4.302652729749464 * 2 / np.sqrt(3)
+    assert d["n"] == 3 and d["differences"] == [2.0, 4.0, 6.0] and d["mean"] == 4.0 and d["std"] == 2.0
+    assert abs(d["low"] - (4 - half)) < 1e-9 and abs(d["high"] - (4 + half)) < 1e-9
+    # a constant difference has no spread: the interval is the point
+    d = paired_difference([80, 70], [85, 75])
+    assert (d["mean"], d["std"], d["low"], d["high"]) == (-5.0, 0.0, -5.0, -5.0)
+    # pairing: both rows spread by 10 over the seeds, their difference not at all
+    assert paired_difference([70, 90], [75, 95])["std"] == 0.0
+
+
+def test_paired_difference_needs_two_paired_seeds():
+    import pytest
+
+    from utils.metrics import paired_difference
+
+    for a, b in (([1.0], [2.0]), ([1, 2, 3], [1, 2])):
+        with pytest.raises(ValueError, match="two equal-length series"):
+            paired_difference(a, b)

@@ -177,3 +177,45 @@ def test_spread_without_a_row_of_two_seeds_is_one_line(tmp_path, capsys):
     assert main(runs + ["--spread", str(tmp_path / "s.md")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--spread: no row has two seeds or more" in err
+
+
+def seeded_run(path, seed, accs):
+    """A run folder with its seed in the manifest and ACC ``accs[i]`` on split i."""
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"seed": seed}))
+    (path / "metrics.json").write_text(json.dumps({s: {"accuracy": a, "f1": a} for s, a in zip(SPLITS, accs)}))
+    return str(path)
+
+
+def test_paired_differences_against_the_starting_model(tmp_path, capsys):
+    runs = [seeded_run(tmp_path / "qlora-s1", 1, [96, 95, 86, 82]), seeded_run(tmp_path / "qlora-s2", 2, [98, 97, 84, 80]),
+            seeded_run(tmp_path / "spul-s2", 2, [97, 3, 80, 10]), seeded_run(tmp_path / "spul-s1", 1, [95, 1, 84, 14]),
+            seeded_run(tmp_path / "gradient_ascent-s1", 1, [90, 90, 80, 80]),  # one seed: no row
+            seeded_run(tmp_path / "npo-s1", 1, [90, 90, 80, 80]), seeded_run(tmp_path / "npo-s3", 3, [90, 90, 80, 80])]
+    out = tmp_path / "paired.md"
+    assert main(runs + ["--paired", "qlora", "--paired_markdown", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("ACC minus QLoRA's on the same seed")
+    # SPUL minus QLoRA, paired by seed (not by folder order): train retain -1 and -1 (std 0); train forget -94 and
+    # -94; test retain -2 and -4: mean -3, std sqrt(2), t(0.975, 1) = 12.7062 -> half-width 12.7062 * sqrt(2) / sqrt(2);
+    # test forget -68 and -70: mean -69, the same half-width
+    assert lines[4] == ("| SPUL | 2 | -1.00±0.00 [-1.00, -1.00] | -94.00±0.00 [-94.00, -94.00] "
+                        "| -3.00±1.41 [-15.71, +9.71] | -69.00±1.41 [-81.71, -56.29] |")
+    assert len(lines) == 5  # NPO has a seed (3) without a QLoRA run, GA one seed: neither is paired
+    assert "ACC minus QLoRA's" in capsys.readouterr().out
+
+
+def test_paired_refusals_are_one_line(tmp_path, capsys):
+    runs = [seeded_run(tmp_path / "qlora-s1", 1, [96, 95, 86, 82]), seeded_run(tmp_path / "spul-s1", 1, [95, 1, 84, 14])]
+    for argv, needle in ((runs + ["--paired", "Retrain"], "--paired Retrain: no such row"),
+                         (runs + ["--paired", "QLoRA"], "no other row has two seeds or more")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err
+    runs.append(fake_run(tmp_path / "spul-s2", 90.0))  # no manifest: no seed to pair it by
+    assert main(runs + ["--paired", "qlora"]) == 2
+    assert "spul-s2: no seed in its manifest.json" in capsys.readouterr().err
+    import pytest
+    with pytest.raises(SystemExit):
+        main(runs[:2] + ["--paired_markdown", str(tmp_path / "p.md")])
+    assert "--paired_markdown: give --paired ROW as well" in capsys.readouterr().err

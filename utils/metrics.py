@@ -8,6 +8,7 @@ paper (§5 of the notes).
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import t as student_t
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from utils.task import OTHER  # class index for "not a task label"
@@ -74,3 +75,22 @@ def seed_spread(correct) -> dict:
         "review_std": float(100 * np.sqrt((p * (1 - p)).sum()) / c.shape[1]),
         "same_share": float(100 * ((p == 0) | (p == 1)).mean()),
     }
+
+
+def paired_difference(a, b, level: float = 0.95) -> dict:
+    """How much ``a`` differs from ``b`` when both were measured on the same seeds: the
+    per-seed differences a_i - b_i, their mean, their sample std (n - 1) and the two-sided
+    Student-t interval at ``level`` for the mean difference (n - 1 degrees of freedom).
+
+    Pairing removes what both share on a seed (here: the fine-tuned model a method starts
+    from), so the interval is narrower than one built from the two rows' own stds. It covers
+    the variation over training seeds on the fixed evaluation reviews, not the sampling of
+    other reviews."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"need two equal-length series of two seeds or more, got {a.shape} and {b.shape}")
+    d = a - b
+    n = len(d)
+    mean, std = float(d.mean()), float(d.std(ddof=1))
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * std / np.sqrt(n)
+    return {"n": n, "differences": [float(x) for x in d], "mean": mean, "std": std, "low": float(mean - half), "high": float(mean + half)}

@@ -15,8 +15,14 @@ records: each split's accuracy per seed, its std, the std that independent revie
 chance alone would give (``utils.metrics.seed_spread``) and the share of reviews with the same
 outcome on every seed; it tells whole seeds that differ from coin flips spread over reviews.
 
+Paired differences (``--paired ROW``), for every other row whose seeds all have a run of ROW
+(for example QLoRA, the model every unlearning run starts from) with the same seed: per split,
+the mean of the per-seed ACC differences (row minus ROW), their std and a 95% Student-t
+interval over the seeds (``utils.metrics.paired_difference``). Pairing by seed removes what a
+method and its starting model share on that seed.
+
     python -m utils.report RUN [RUN ...] [--names NAME ...] [--markdown F] [--csv F] [--plot F.png] [--mia_plot F.png]
-                           [--spread F.md]
+                           [--spread F.md] [--paired ROW [--paired_markdown F.md]]
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from utils import mia
 from utils.baselines import METHODS
 from utils.data import EVAL_SPLITS
 from utils.evaluation import label_token_ids
-from utils.metrics import seed_spread
+from utils.metrics import paired_difference, seed_spread
 from utils.models import load_tokenizer
 from utils.runs import AUDIT, MANIFEST, METRICS, RECORDS, TOKENIZER_DIR, read_json, read_records
 from utils.task import SENTIMENT, TASKS
@@ -250,6 +256,57 @@ def spread_markdown(spread: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def reference_row(rows: dict[str, list[dict]], reference: str) -> str:
+    """The row ``reference`` names: a row name as printed (``QLoRA``) or a folder's name without
+    its seed (``qlora``)."""
+    name = reference if reference in rows else DISPLAY.get(reference, reference)
+    if name not in rows:
+        raise ValueError(f"--paired {reference}: no such row (rows: {', '.join(rows)})")
+    return name
+
+
+def runs_by_seed(runs: list[dict]) -> dict:
+    """{seed: run} from each run's manifest ``seed``; one run per seed."""
+    out = {}
+    for r in runs:
+        seed = r["manifest"].get("seed")
+        if seed is None or seed in out:
+            problem = "no seed in its manifest.json" if seed is None else f"a second run of seed {seed} in its row"
+            raise ValueError(f"--paired: {r['dir']}: {problem}")
+        out[seed] = r
+    return out
+
+
+def paired(rows: dict[str, list[dict]], reference: str, splits) -> dict[str, dict[str, dict]]:
+    """{row name: {split: utils.metrics.paired_difference(row, reference row)}} for every other
+    row with two seeds or more whose seeds all have a run in the ``reference`` row."""
+    ref = runs_by_seed(rows[reference])
+    out = {}
+    for name, runs in rows.items():
+        if name == reference or len(runs) < 2:
+            continue
+        mine = runs_by_seed(runs)
+        if not set(mine) <= set(ref):
+            continue
+        seeds = sorted(mine)
+        out[name] = {s: paired_difference([mine[k]["metrics"][s]["accuracy"] for k in seeds],
+                                          [ref[k]["metrics"][s]["accuracy"] for k in seeds]) for s in splits}
+    if not out:
+        raise ValueError(f"--paired {reference}: no other row has two seeds or more, all with a {reference} run of the same seed")
+    return out
+
+
+def paired_markdown(diffs: dict[str, dict[str, dict]], reference: str) -> str:
+    splits = list(next(iter(diffs.values())))
+    head = ["method", "seeds"] + [s.replace("_", " ") for s in splits]
+    lines = [f"ACC minus {reference}'s on the same seed: mean ± std of the per-seed differences [95% t-interval]", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, per_split in diffs.items():
+        cells = [f"{d['mean']:+.2f}±{d['std']:.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" for d in per_split.values()]
+        lines.append(f"| {name} | {next(iter(per_split.values()))['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def point_labels(points: dict[str, tuple[float, float]]) -> dict[tuple[float, float], str]:
     """One label per distinct point: names whose points coincide (to 0.01) share it, joined
     by ", " in row order, so that collapsed runs do not print over each other."""
@@ -327,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "of every row with two or more: per-seed ACC, std, the std review-by-review chance "
                                     "alone would give, and the share of reviews with the same outcome on every seed "
                                     "(needs each run's records.jsonl and tokenizer)")
+    p.add_argument("--paired", metavar="ROW", help="also print, for every other row whose seeds all have a ROW run of the "
+                                                   "same seed, each split's ACC difference to ROW: mean and std of the "
+                                                   "per-seed differences and a 95%% Student-t interval over the seeds "
+                                                   "(ROW as printed, e.g. QLoRA, or a folder name without -s<seed>)")
+    p.add_argument("--paired_markdown", metavar="F", help="also write the --paired table here (markdown)")
     return p
 
 
@@ -335,7 +397,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         p.error("--names: give one name per run folder")
-    for flag in ("markdown", "csv", "plot", "mia_plot", "spread"):  # output folders made (or refused) before any work
+    if args.paired_markdown and not args.paired:
+        p.error("--paired_markdown: give --paired ROW as well")
+    for flag in ("markdown", "csv", "plot", "mia_plot", "spread", "paired_markdown"):  # output folders made (or refused) before any work
         out = getattr(args, flag)
         if out is None:
             continue
@@ -354,6 +418,8 @@ def main(argv=None) -> int:
         spread = spreads(rows, splits) if args.spread else None
         if spread == {}:
             raise ValueError("--spread: no row has two seeds or more (run folders that differ only in -s<seed>)")
+        reference = reference_row(rows, args.paired) if args.paired else None
+        diffs = paired(rows, reference, splits) if reference else None
     except (FileNotFoundError, ValueError) as e:  # RunError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -372,6 +438,11 @@ def main(argv=None) -> int:
         text = spread_markdown(spread)
         print("\nseed spread:\n" + text)
         Path(args.spread).write_text(text + "\n")
+    if diffs is not None:
+        text = paired_markdown(diffs, reference)
+        print("\n" + text)
+        if args.paired_markdown:
+            Path(args.paired_markdown).write_text(text + "\n")
     return 0
 
 
