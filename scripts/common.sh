@@ -174,11 +174,18 @@ baseline_stage() {  # baseline_stage SEED METHOD [RUN_NAME [extra baselines.py f
     --train_batch_size "$BATCH" $(selected_flags "$method") "${USER_BASELINE[@]}" "$@" --output_path "$OUT/$name"
 }
 
-report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot next to the runs (and the seed spread with two SEEDS or more)
+report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot next to the runs (and, with two
+  # SEEDS or more, the seed spread and, when QLoRA is among the runs, each row's paired difference to it)
   local name=$1; shift
   local files=(--markdown "$OUT/$name.md" --csv "$OUT/$name.csv" --plot "$OUT/$name.png" --mia_plot "$OUT/$name-mia.png")
   local -a seeds; read -r -a seeds <<< "$SEEDS"
-  [ "${#seeds[@]}" -gt 1 ] && files+=(--spread "$OUT/$name-spread.md")  # how each row's ACC spreads over the seeds
+  if [ "${#seeds[@]}" -gt 1 ]; then
+    files+=(--spread "$OUT/$name-spread.md")  # how each row's ACC spreads over the seeds
+    local r
+    for r in "$@"; do  # the model every unlearning run starts from: differences paired by seed, with an interval
+      if [[ ${r##*/} =~ ^qlora-s[0-9]+$ ]]; then files+=(--paired qlora --paired_markdown "$OUT/$name-paired.md"); break; fi
+    done
+  fi
   if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "$PY -m utils.report $* ${files[*]}"; return; fi
   run_plan
   $PY -m utils.report "$@" "${files[@]}"

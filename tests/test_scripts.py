@@ -60,8 +60,11 @@ def test_table2_runs_every_method_and_seed():
     report = parsed[-1][1]
     assert sum(r.endswith("retrain-s7") for r in report.runs) == 1 and report.mia_plot
     assert report.spread.endswith("table2-spread.md")  # two seeds: the seed spread too
+    assert report.paired == "qlora" and report.paired_markdown.endswith("table2-paired.md")  # and differences to QLoRA
     one_seed = parse(dry_run("table2.sh", PROFILE="cpu", SEEDS="7")[-1])[1]
-    assert one_seed.markdown.endswith("table2.md") and one_seed.spread is None
+    assert one_seed.markdown.endswith("table2.md") and one_seed.spread is None and one_seed.paired is None
+    no_qlora = parse(dry_run("table4.sh", PROFILE="cpu", SEEDS="7 8")[-1])[1]  # the forget-size sweep lists no QLoRA row
+    assert no_qlora.spread and no_qlora.paired is None
 
 
 def test_audit_attacks_spul_the_chosen_baseline_and_the_oracle():
