@@ -93,4 +93,5 @@ def paired_difference(a, b, level: float = 0.95) -> dict:
     n = len(d)
     mean, std = float(d.mean()), float(d.std(ddof=1))
     half = float(student_t.ppf((1 + level) / 2, n - 1)) * std / np.sqrt(n)
-    return {"n": n, "differences": [float(x) for x in d], "mean": mean, "std": std, "low": float(mean - half), "high": float(mean + half)}
+    return {"n": n, "differences": [float(x) for x in d], "mean": mean, "std": std,
+            "low": float(mean - half), "high": float(mean + half)}
