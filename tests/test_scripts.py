@@ -123,6 +123,18 @@ def test_bad_profile_fails_clearly():
     assert out.returncode == 2 and "PROFILE=nope" in out.stderr
 
 
+def test_setup_without_the_disk_for_the_venv_stops_in_one_line_before_pip(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup.sh").write_text((REPO / "scripts" / "setup.sh").read_text())
+    for name in ("requirements.txt", "requirements-data.txt"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    out = subprocess.run(["bash", "scripts/setup.sh"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={**os.environ, "SPUL_SETUP_MIN_FREE_MB": str(10 ** 12)})
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "MB free" in out.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
 def test_reuses_finished_stage_and_stops_at_first_failure(tmp_path):
     out = tmp_path / "out"
     for done in ("vanilla-s42", "vanilla-generate-s42"):
