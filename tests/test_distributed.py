@@ -107,7 +107,8 @@ def test_two_processes_give_one_process_losses_gradients_and_weights(tmp_path):
     """SPUL (L_f, L_r, L_kl), GA+GD (full fine-tuning), NPO+RT (LoRA, adapter-off reference) and
     GA+GD with 2 accumulation steps, on step batches that put all forget samples on one rank,
     [F,R | R,R], an odd batch, and a one-sample batch (rank 1 idle): the same logged loss and
-    terms, the same gradient at every step and the same trained weights as one process."""
+    terms, the same gradient at every step and the same trained weights as one process (to the
+    float rounding that AdamW can amplify; see below)."""
     from safetensors.torch import load_file
 
     from tests import dist_worker
@@ -130,8 +131,14 @@ def test_two_processes_give_one_process_losses_gradients_and_weights(tmp_path):
         for step, g in enumerate(grads):
             for k, v in g.items():
                 assert torch.allclose(r0[f"g{step}.{k}"], v, rtol=0, atol=1e-6), (name, step, k, (r0[f"g{step}.{k}"] - v).abs().max())
+        # AdamW divides each gradient by its own running scale, so a component whose gradient
+        # nearly cancels (6.56e-8 in one process, 6.48e-8 in two, summed in another order; seen on
+        # an AMD EPYC) takes a step of its own size. So: the bulk of every tensor within 1e-6 and
+        # nothing past 1e-5, 1% of one step at lr 1e-3 (a rank that skipped a step or a gradient
+        # sync would be off by about 1e-3 on most entries).
         for k, v in weights.items():
-            assert torch.allclose(r0[f"w.{k}"], v, rtol=0, atol=1e-6), (name, k, (r0[f"w.{k}"] - v).abs().max())
+            d = (r0[f"w.{k}"] - v).abs()
+            assert d.max() <= 1e-5 and (d > 1e-6).float().mean() <= 0.01, (name, k, d.max(), int((d > 1e-6).sum()))
     # a NaN loss on rank 1 only: both ranks stop at step 1, as one process would
     for r in (0, 1):
         assert (tmp_path / f"diverged.rank{r}.txt").read_text().startswith("non-finite loss (nan) at step 1"), r
