@@ -14,9 +14,51 @@ SHARED_DATA = Path(os.environ.get("SPUL_SHARED_DATA", REPO.parent / "shared" / "
 
 @pytest.fixture(scope="session")
 def shared_data():
+    """The offline copy of the paper's splits, for the tests about that data itself."""
     if not (SHARED_DATA / "sst2").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sst2_data(tmp_path_factory):
+    """A data root holding ``sst2`` splits for the end-to-end tests, which read 12 rows a split:
+    the offline copy where there is one, else made-up reviews in the same files and columns
+    (seeded), so that a clean clone (CI) runs these tests too instead of skipping them."""
+    if (SHARED_DATA / "sst2").is_dir():
+        return SHARED_DATA
+    return write_synthetic_sst2(tmp_path_factory.mktemp("sst2_synthetic"))
+
+
+def write_synthetic_sst2(root: Path) -> Path:
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(0)
+    good, bad = ["good", "great", "fun", "moving", "sharp", "warm"], ["bad", "dull", "flat", "weak", "tired", "cold"]
+    people = ["tom hanks", "meg ryan", "jim carrey", "ian mckellen"]  # the forget set: reviews naming them
+    subjects = ["the film", "this movie", "the plot", "the cast", "the script", "the ending"]
+
+    def review(label, person=None):
+        words = rng.sample(good if label else bad, 2)
+        who = f"{person} is" if person else f"{rng.choice(subjects)} is"
+        return f"{who} {words[0]} and {words[1]}"
+
+    def rows(n, forget):
+        out = []
+        for i in range(n):
+            label = i % 2
+            out.append({"text": review(label, rng.choice(people) if forget else None), "label": label,
+                        "label_text": "positive" if label else "negative"})
+        return pd.DataFrame(out)
+
+    folder = root / "sst2" / "unlearning_sst2_v3"
+    folder.mkdir(parents=True)
+    for split, n, forget in [("train_retain", 80, False), ("train_forget", 40, True), ("test_retain", 40, False),
+                             ("test_forget", 24, True)]:
+        rows(n, forget).to_csv(folder / f"{split}.csv", index=False)
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +80,8 @@ TINY_DATA_ARGS = ["--dataset", "sst2", "--max_per_split", "12", "--max_length", 
 
 
 @pytest.fixture
-def tiny_data_args(shared_data):
-    return ["--data_root", str(shared_data)] + TINY_DATA_ARGS
+def tiny_data_args(sst2_data):
+    return ["--data_root", str(sst2_data)] + TINY_DATA_ARGS
 
 
 SPLIT_NAMES = ("train_retain", "train_forget", "test_retain", "test_forget")

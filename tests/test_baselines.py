@@ -278,8 +278,8 @@ DATA = ["--dataset", "sst2", "--max_per_split", "8", "--max_length", "96", "--ev
 
 
 @pytest.fixture(scope="module")
-def data_args(shared_data):
-    return ["--data_root", str(shared_data)] + DATA
+def data_args(sst2_data):
+    return ["--data_root", str(sst2_data)] + DATA
 
 
 @pytest.fixture(scope="module")

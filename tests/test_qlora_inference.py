@@ -9,9 +9,9 @@ import qlora
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory, tiny_model_dir, shared_data):
+def qlora_run(tmp_path_factory, tiny_model_dir, sst2_data):
     out = tmp_path_factory.mktemp("runs") / "qlora"
-    qlora.main(["--model_name", tiny_model_dir, "--data_root", str(shared_data), "--dataset", "sst2",
+    qlora.main(["--model_name", tiny_model_dir, "--data_root", str(sst2_data), "--dataset", "sst2",
                 "--max_per_split", "12", "--max_length", "96", "--num_epochs", "1",
                 "--train_batch_size", "8", "--eval_batch_size", "8", "--lr", "1e-3", "--output_path", str(out)])
     return out

@@ -20,8 +20,8 @@ SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
 
 
 @pytest.fixture(scope="module")
-def data_args(shared_data):
-    return ["--data_root", str(shared_data)] + TINY_DATA_ARGS
+def data_args(sst2_data):
+    return ["--data_root", str(sst2_data)] + TINY_DATA_ARGS
 
 
 @pytest.fixture(scope="module")
