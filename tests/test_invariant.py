@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.invariant import blas_is_strict, one_thread, strict_blas
+from utils.invariant import blas_is_strict, on_one_thread, one_thread, strict_blas
 from utils.losses import kl_per_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +128,39 @@ def test_one_thread_leaves_other_devices_alone(threads):
         assert torch.get_num_threads() == 2
     with one_thread(torch.device("cpu")):
         assert torch.get_num_threads() == 1
+
+
+def _encoder(seed=0):
+    """A prompt encoder's shape at test scale: 4 rows of width 32 through a 16-wide MLP (the
+    products that differed between 1 and 2 threads on an AMD EPYC in MKL's strict mode)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.Parameter(torch.randn(4, 32, generator=g))
+    w1, w2 = torch.nn.Parameter(torch.randn(16, 32, generator=g) * 0.2), torch.nn.Parameter(torch.randn(32, 16, generator=g) * 0.2)
+    return (emb, w1, w2), lambda: F.linear(F.relu(F.linear(emb, w1)), w2)
+
+
+def _value_and_grads(fn, params, wrap):
+    out = on_one_thread(fn, params) if wrap else fn()
+    weight = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape) / out.numel()
+    grads = torch.autograd.grad((out * weight).sum(), params)
+    return out.detach(), grads
+
+
+def test_on_one_thread_is_a_plain_call_on_one_thread(threads):
+    """Same operations, so the same bits as the plain call at one thread: value and gradients."""
+    params, fn = _encoder()
+    torch.set_num_threads(1)
+    plain, wrapped = _value_and_grads(fn, params, False), _value_and_grads(fn, params, True)
+    assert torch.equal(plain[0], wrapped[0]) and all(torch.equal(a, b) for a, b in zip(plain[1], wrapped[1]))
+    with torch.no_grad():
+        assert torch.equal(on_one_thread(fn, params), plain[0])
+
+
+def test_on_one_thread_gives_the_same_bits_at_any_thread_count(threads):
+    params, fn = _encoder(1)
+    out = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        out[n] = _value_and_grads(fn, params, True)
+        assert torch.get_num_threads() == n  # restored after forward and backward
+    assert torch.equal(out[1][0], out[2][0]) and all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1]))

@@ -21,6 +21,13 @@ MKL 2024.2, a SPUL step with the selected flags), each fixed here:
   dependent; which op, not found). ``utils.spul_loss`` runs them on one thread; with the
   reference cache that is the first epoch's reference only.
 
+- the soft prompt's encoder (its p rows through a small MLP). MKL's strict mode covers the
+  shapes above on the Xeon, but on an AMD EPYC (MKL's code path AUTO) some small products still
+  gave other bits at 2 threads: (m x k) @ (k x n) with m about 4-9 and n 15-17, which is the
+  test model's 4-token, 16-wide encoder (the CPU recipe's 30 x 576 x 128 products did not).
+  ``on_one_thread`` runs the encoder's forward and backward on one thread, and ``save_prompt``
+  runs PEFT's own pass through it (the stored embeddings) on one thread too.
+
 A difference in the last bit is enough: a SPUL run is chaotic at CPU scale (docs), so the same
 command at 1 and at 2 threads ended up to 17 points of val forget apart. What is checked is end
 to end: the same ``spul.py`` command at 1 and 2 threads writes byte-identical metrics and prompt
@@ -102,3 +109,34 @@ def one_thread(device=None):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+class _OneThread(torch.autograd.Function):
+    """``fn()``'s value and its gradient with respect to ``params``, each computed on one thread
+    (the backward recomputes ``fn()``: meant for small blocks such as the prompt encoder)."""
+
+    @staticmethod
+    def forward(ctx, fn, device, *params):
+        ctx.fn, ctx.device, ctx.params = fn, device, params
+        with torch.no_grad(), one_thread(device):
+            return fn()
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad(), one_thread(ctx.device):
+            out = ctx.fn()
+            grads = torch.autograd.grad(out, ctx.params, grad, allow_unused=True)
+        return (None, None, *grads)
+
+
+def on_one_thread(fn, params, device=None) -> torch.Tensor:
+    """``fn()`` (a tensor computed from the trainable ``params``) with its forward and its
+    backward on one CPU thread. For the soft prompt's encoder: its matrices are small (p rows),
+    and MKL's strict mode does not give every small shape the same bits at any thread count on
+    every CPU (an AMD EPYC, code path AUTO: a (4 x 32) @ (32 x 16) product differed between 1
+    and 2 threads; the CPU recipe's (30 x 576) @ (576 x 128) did not). Same operations as a plain
+    call, so the same bits wherever one thread already gave them (tested)."""
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        with one_thread(device):
+            return fn()
+    return _OneThread.apply(fn, device, *params)

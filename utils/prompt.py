@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from utils.invariant import on_one_thread, one_thread
+
 ADAPTER = "default"  # PEFT's adapter name; prompt learning supports one adapter per model
 PROMPT_DIR = "prompt"
 ENCODER_FILE = "prompt_encoder.safetensors"
@@ -79,8 +81,11 @@ def trainable_parameters(peft_model) -> list[torch.nn.Parameter]:
 def prompt_embeddings(peft_model) -> torch.Tensor:
     """The (p, d) prompt embeddings: the encoder's output while training (with grad), the
     stored embeddings of a loaded adapter in inference mode. PEFT's own forward prepends
-    exactly these (``get_prompt``)."""
-    return peft_model.get_prompt(batch_size=1)[0]
+    exactly these (``get_prompt``). The encoder runs on one CPU thread, forward and backward
+    (``utils.invariant.on_one_thread``), so the prompt does not depend on ``--threads``."""
+    encoder = prompt_encoder(peft_model)
+    device = next(encoder.parameters(), torch.empty(0)).device
+    return on_one_thread(lambda: peft_model.get_prompt(batch_size=1)[0], trainable_parameters(peft_model), device)
 
 
 def with_hard_prefix(prompt_fn, fixed: torch.Tensor | None):
@@ -102,7 +107,8 @@ def save_prompt(peft_model, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    peft_model.save_pretrained(folder / PROMPT_DIR)
+    with one_thread(next(prompt_encoder(peft_model).parameters()).device):  # PEFT runs the encoder to store its output
+        peft_model.save_pretrained(folder / PROMPT_DIR)
     state = {k: v.detach().cpu().contiguous() for k, v in prompt_encoder(peft_model).state_dict().items()}
     save_file(state, folder / ENCODER_FILE)
 
