@@ -245,6 +245,6 @@ def test_forget_fit_note_above_ln_2k_only():
     assert forget_fit_note([{"loss": 9.0}]) is None  # no forget term recorded
     assert forget_fit_note([{"L_f": 5.0}, {"L_f": 0.693}]) is None  # the last epoch counts; 0.693 < ln 2
     note = forget_fit_note([{"L_f": 0.1}, {"L_f": 0.694}])
-    assert note.startswith("note: the forget loss L_f averaged 0.69 over the last epoch, above ln 2 = 0.69")
+    assert note.startswith("note: the forget loss L_f averaged 0.694 over the last epoch, above ln 2 = 0.693")
     assert forget_fit_note([{"L_f": 1.38}], generic_labels=2) is None  # two drawn labels: ln 4 = 1.386
-    assert "above ln 4 = 1.39" in forget_fit_note([{"L_f": 1.39}], generic_labels=2)
+    assert "above ln 4 = 1.386" in forget_fit_note([{"L_f": 1.39}], generic_labels=2)

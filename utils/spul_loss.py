@@ -61,7 +61,7 @@ def forget_fit_note(epoch_means: list[dict], generic_labels: int = 1) -> str | N
     last = epoch_means[-1] if epoch_means else {}
     if last.get("L_f", 0.0) <= bound:
         return None
-    return (f"note: the forget loss L_f averaged {last['L_f']:.2f} over the last epoch, above ln {2 * generic_labels} = {bound:.2f}: "
+    return (f"note: the forget loss L_f averaged {last['L_f']:.3f} over the last epoch, above ln {2 * generic_labels} = {bound:.3f}: "
             f"the prompt may not have fit the forget set (check train_forget ACC)")
 
 
