@@ -164,3 +164,15 @@ def test_on_one_thread_gives_the_same_bits_at_any_thread_count(threads):
         out[n] = _value_and_grads(fn, params, True)
         assert torch.get_num_threads() == n  # restored after forward and backward
     assert torch.equal(out[1][0], out[2][0]) and all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1]))
+
+
+def test_on_one_thread_under_cpu_autocast_keeps_autograd_working(threads):
+    """Under CPU autocast the backward is autograd's own (a recomputation outside autocast would
+    mismatch dtypes); the forward still runs on one thread and gradients reach every parameter."""
+    params, fn = _encoder(2)
+    torch.set_num_threads(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = on_one_thread(fn, params)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), params)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

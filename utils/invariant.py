@@ -135,8 +135,13 @@ def on_one_thread(fn, params, device=None) -> torch.Tensor:
     and MKL's strict mode does not give every small shape the same bits at any thread count on
     every CPU (an AMD EPYC, code path AUTO: a (4 x 32) @ (32 x 16) product differed between 1
     and 2 threads; the CPU recipe's (30 x 576) @ (576 x 128) did not). Same operations as a plain
-    call, so the same bits wherever one thread already gave them (tested)."""
-    if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+    call, so the same bits wherever one thread already gave them (tested). On another device
+    than the CPU it is the plain call; under CPU autocast (``--mixed_precision bf16`` on a CPU)
+    only the forward is held to one thread, since the backward's recomputation would run
+    outside autocast."""
+    if device is not None and torch.device(device).type != "cpu":
+        return fn()
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.is_autocast_enabled("cpu"):
         with one_thread(device):
             return fn()
     return _OneThread.apply(fn, device, *params)

@@ -83,9 +83,12 @@ def prompt_embeddings(peft_model) -> torch.Tensor:
     stored embeddings of a loaded adapter in inference mode. PEFT's own forward prepends
     exactly these (``get_prompt``). The encoder runs on one CPU thread, forward and backward
     (``utils.invariant.on_one_thread``), so the prompt does not depend on ``--threads``."""
-    encoder = prompt_encoder(peft_model)
-    device = next(encoder.parameters(), torch.empty(0)).device
-    return on_one_thread(lambda: peft_model.get_prompt(batch_size=1)[0], trainable_parameters(peft_model), device)
+    return on_one_thread(lambda: peft_model.get_prompt(batch_size=1)[0], trainable_parameters(peft_model),
+                         _encoder_device(peft_model))
+
+
+def _encoder_device(peft_model) -> torch.device:
+    return next(prompt_encoder(peft_model).parameters(), torch.empty(0)).device
 
 
 def with_hard_prefix(prompt_fn, fixed: torch.Tensor | None):
@@ -107,7 +110,7 @@ def save_prompt(peft_model, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    with one_thread(next(prompt_encoder(peft_model).parameters()).device):  # PEFT runs the encoder to store its output
+    with one_thread(_encoder_device(peft_model)):  # PEFT runs the encoder to store its output
         peft_model.save_pretrained(folder / PROMPT_DIR)
     state = {k: v.detach().cpu().contiguous() for k, v in prompt_encoder(peft_model).state_dict().items()}
     save_file(state, folder / ENCODER_FILE)
