@@ -34,7 +34,9 @@ to end: the same ``spul.py`` command at 1 and 2 threads writes byte-identical me
 (tests, and the runs in the docs). Strict mode keeps MKL's own choice of code path for the CPU
 (``AUTO``), so another CPU model may still give other bits. A user who sets ``MKL_CBWR`` in the
 environment keeps that setting (``MKL_CBWR=AVX2,STRICT`` pins the code path too; measured 1.5x
-slower per SPUL step on an AVX-512 Xeon). GPU runs are untouched.
+slower per SPUL step on an AVX-512 Xeon). MKL accepts its Intel code paths only on Intel CPUs: on
+an AMD EPYC it refuses ``AVX2`` and ``AVX512`` and stays on ``AUTO`` (``COMPATIBLE`` is accepted);
+the manifest's ``blas`` field records the mode in force, not the one asked for. GPU runs are untouched.
 """
 from __future__ import annotations
 
