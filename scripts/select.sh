@@ -7,7 +7,8 @@
 # recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS
 # (default: spul and the five trained baselines), SELECT_SEED (default: the first of SEEDS),
 # SELECT_SEEDS (default: SELECT_SEED; several seeds run the whole grid on each and judge every
-# setting on its mean, which a recipe as seed-sensitive as SPUL's at CPU scale needs), MAX_DROP,
+# setting on its mean, which a recipe as seed-sensitive as SPUL's at CPU scale needs),
+# SELECT_OVER_SEEDS (mean, the default, or worst: each metric at its worst seed), MAX_DROP,
 # and everything in scripts/common.sh. Finished grid runs are reused, so two invocations with
 # different SELECT_METHODS can run side by side and a last one without it writes the whole selection.
 # With SELECT_METHODS other than the default, only those methods' lines of $SELECTED_OUT are
@@ -36,7 +37,8 @@ else
 fi
 : "${SEL_OUT:=$OUT/select}"
 : "${SELECTED_OUT:=scripts/selected/$PROFILE-$DATASET.env}"
-: "${SELECT_SEEDS:=$SELECT_SEED}"  # several seeds: each setting judged on its mean (utils/select.py)
+: "${SELECT_SEEDS:=$SELECT_SEED}"  # several seeds: each setting judged on its metrics combined over them
+: "${SELECT_OVER_SEEDS:=mean}"       # how: mean, or worst (each metric at its worst seed); utils/select.py
 NO_TEST=(--eval_splits train_forget val_retain val_forget)  # what the criterion reads; never test
 
 runs=() refs=()
@@ -67,7 +69,7 @@ done
 UPDATE=()
 [ "$SELECT_METHODS" != "spul $TRAINED_BASELINES" ] && UPDATE=(--update)
 cmd=($PY -m utils.select --reference "${refs[@]}" --runs "${runs[@]}" --max_drop "$MAX_DROP"
-     --json "$SEL_OUT/selected.json" --markdown "$SEL_OUT/selected.md" --env "$SELECTED_OUT" "${UPDATE[@]}")
+     --over_seeds "$SELECT_OVER_SEEDS" --json "$SEL_OUT/selected.json" --markdown "$SEL_OUT/selected.md" --env "$SELECTED_OUT" "${UPDATE[@]}")
 if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${cmd[*]}"; exit 0; fi
 mkdir -p "$(dirname "$SELECTED_OUT")"
 run_plan  # ONE_PROCESS=1: the planned runs, before the selection reads them

@@ -188,6 +188,10 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert sorted({a.seed for a in spuls}) == [1, 2] and len(spuls) == 2 * len(grid_spul(grid))
     assert all(a.model_checkpoints.endswith(f"qlora-s{a.seed}") for a in spuls)
     assert [r.rsplit("-", 1)[1] for r in two[-1][1].reference] == ["s1", "s2"]  # one reference per seed
+    assert two[-1][1].over_seeds == "mean"
+    worst = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SELECT_SEEDS="1 2", SELECT_METHODS="spul",
+                                       SELECT_OVER_SEEDS="worst")]
+    assert worst[-1][1].over_seeds == "worst"
 
 
 def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):

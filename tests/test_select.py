@@ -162,6 +162,29 @@ def test_several_seeds_are_judged_on_the_mean_per_setting(tmp_path):
         select.select_all(refs, lucky + steady[:1])
 
 
+def test_worst_over_seeds_judges_each_metric_at_its_worst_seed(tmp_path):
+    def seeded(name, seed, vr, vf, tf, **flags):
+        r = run(tmp_path / f"{name}-s{seed}", "spul", vr, vf, tf, **flags)
+        (r / "config.json").write_text(json.dumps({"seed": seed, **flags}))
+        return r
+    refs = [run(tmp_path / "q1", "qlora", 80.0, 85.0, 98.0), run(tmp_path / "q2", "qlora", 82.0, 85.0, 98.0)]
+    # one seed hedges: mean val retain 77 (within the 76 bound), mean forget score (10 + 10) / 2 = 10
+    hedge = [seeded("a", 1, 80.0, 0.0, 0.0, lr=3e-3), seeded("a", 2, 74.0, 20.0, 20.0, lr=3e-3)]
+    # both seeds forget a little less on average, but alike: score (11 + 9.5) / 2 = 10.25, at worst 11
+    steady = [seeded("b", 1, 78.0, 10.0, 8.0, lr=1e-3), seeded("b", 2, 77.0, 12.0, 11.0, lr=1e-3)]
+    by_mean = select.select_all(refs, hedge + steady)["selected"]["spul"]
+    assert by_mean["run"] == str(hedge[0]) and by_mean["forget_score"] == pytest.approx(10.0)
+    out = select.select_all(refs, hedge + steady, over_seeds="worst")
+    chosen = out["selected"]["spul"]
+    assert out["over_seeds"] == "worst" and chosen["run"] == str(steady[0])
+    assert chosen["val_retain"] == 77.0 and chosen["val_forget"] == 12.0 and chosen["train_forget"] == 11.0
+    grid = {tuple(r["runs"]): r for r in out["grid"]["spul"]}
+    assert grid[(str(hedge[0]), str(hedge[1]))]["val_retain"] == 74.0  # below the bound at its worst seed
+    assert "worst over the seeds" in select.grid_table(out).splitlines()[0]
+    with pytest.raises(select.SelectionError, match="--over_seeds median"):
+        select.select_all(refs, hedge + steady, over_seeds="median")
+
+
 def test_grid_table_lists_every_setting_marks_the_choice_and_the_bound(tmp_path):
     ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
     grid = [run(tmp_path / "a", "baseline", 79.0, 60.0, 50.0, method="npo", lr=1e-6),   # score 55, within

@@ -15,8 +15,11 @@ A method none of whose runs meets the constraint gets the run with the highest v
 (the setting that damages the model least) and is marked ``"constraint_met": false``.
 
 A grid run on several seeds (``scripts/select.sh``'s ``SELECT_SEEDS``) is judged per setting on
-the mean of each metric over the seeds, against the mean val_retain of the seeds' QLoRA runs;
-the setting's run on the first seed stands for it in the env file (``SELRUN_``, ``SEL_SEED``).
+each metric combined over the seeds (``--over_seeds``: ``mean``, the default, or ``worst``, each
+metric at its worst seed: the lowest val_retain, the highest train_forget and val_forget, so that
+one seed that fails cannot hide behind one that does well), against the mean val_retain of the
+seeds' QLoRA runs; the setting's run on the first seed stands for it in the env file
+(``SELRUN_``, ``SEL_SEED``).
 
     python -m utils.select --reference RUN_QLORA --runs RUN [RUN ...] --json selected.json --env selected.env
 
@@ -42,6 +45,13 @@ TUNED = {
     "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "pseudo_retain", "hard_prefix",
              "generic_label", "ema_decay"),
     "baseline": ("lr", "num_epochs", "retain_weight", "ema_decay", *hparam_flags()),  # and each method's own (Method.hparams)
+}
+
+
+# how a setting's runs on several seeds are combined, per metric (name -> (metric, values) -> value)
+OVER_SEEDS = {
+    "mean": lambda metric, values: sum(values) / len(values),
+    "worst": lambda metric, values: min(values) if metric == "val_retain" else max(values),
 }
 
 
@@ -90,10 +100,12 @@ def choose(runs: list[dict], reference_val_retain: float, max_drop: float = 5.0)
             "candidates": len(runs)}
 
 
-def settings(runs: list[dict]) -> list[dict]:
+def settings(runs: list[dict], over_seeds: str = "mean") -> list[dict]:
     """Runs of one method grouped by their flags, one entry per grid setting (in grid order). A
-    setting run on several seeds gets the mean of each metric over its runs, and its first run
-    stands for it (``run``; all of them in ``runs``). Every setting must have run on the same seeds."""
+    setting run on several seeds gets each metric combined over its runs (``OVER_SEEDS[over_seeds]``),
+    and its first run stands for it (``run``; all of them in ``runs``). Every setting must have run
+    on the same seeds."""
+    combine = OVER_SEEDS[over_seeds]
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(json.dumps(r["flags"], sort_keys=True), []).append(r)
@@ -104,14 +116,16 @@ def settings(runs: list[dict]) -> list[dict]:
     if len(seed_sets) > 1:
         raise SelectionError(f"the settings of {runs[0]['method']} ran on different seeds "
                              f"({' vs '.join(','.join(s) for s in sorted(seed_sets))}); run each setting on every seed")
-    return [{**g[0], **{m: sum(r[m] for r in g) / len(g) for m in READ},
+    return [{**g[0], **{m: combine(m, [r[m] for r in g]) for m in READ},
              "seeds": [r["seed"] for r in g], "runs": [r["run"] for r in g]} for g in groups.values()]
 
 
-def select_all(references, run_dirs, max_drop: float = 5.0) -> dict:
-    """The selection over ``run_dirs``: per method, the criterion on its settings (each the mean over
-    its seeds), the utility bound measured against the mean val_retain of ``references`` (one
-    QLoRA run per seed; a single path is one reference)."""
+def select_all(references, run_dirs, max_drop: float = 5.0, over_seeds: str = "mean") -> dict:
+    """The selection over ``run_dirs``: per method, the criterion on its settings (each combined over
+    its seeds by ``over_seeds``), the utility bound measured against the mean val_retain of
+    ``references`` (one QLoRA run per seed; a single path is one reference)."""
+    if over_seeds not in OVER_SEEDS:
+        raise SelectionError(f"--over_seeds {over_seeds}: not one of {', '.join(OVER_SEEDS)}")
     references = [references] if isinstance(references, (str, Path)) else list(references)
     ref_val = []
     for reference in references:
@@ -123,12 +137,12 @@ def select_all(references, run_dirs, max_drop: float = 5.0) -> dict:
     for d in run_dirs:
         r = read_run(Path(d))
         by_method.setdefault(r["method"], []).append(r)
-    grid = {m: settings(rs) for m, rs in by_method.items()}
+    grid = {m: settings(rs, over_seeds) for m, rs in by_method.items()}
     reference_val_retain = sum(ref_val) / len(ref_val)
     chosen = {m: choose(rs, reference_val_retain, max_drop) for m, rs in grid.items()}
     return {"criterion": __doc__.split("\n\n")[1].strip(),
             "reference": str(references[0]) if len(references) == 1 else [str(r) for r in references],
-            "reference_val_retain": reference_val_retain, "max_drop": max_drop,
+            "reference_val_retain": reference_val_retain, "max_drop": max_drop, "over_seeds": over_seeds,
             "grid": {m: [{k: r[k] for k in ("run", "runs", "seeds", "flags", *READ)} for r in rs] for m, rs in grid.items()},
             "selected": chosen}
 
@@ -174,7 +188,7 @@ def grid_table(selection: dict) -> str:
     floor = selection["reference_val_retain"] - selection["max_drop"]
     lines = [f"utility bound: val_retain >= {floor:.2f} (reference {selection['reference_val_retain']:.2f} - "
              f"{selection['max_drop']:g}); forget score: mean of train_forget and val_forget (lower forgets more); "
-             "ACC in %, mean over the seeds",
+             f"ACC in %, {selection.get('over_seeds', 'mean')} over the seeds",
              "",
              "| method | setting | seeds | train forget | val retain | val forget | forget score | within bound |",
              "|---|---|---|---|---|---|---|---|"]
@@ -196,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ran on several seeds (the bound is then measured against their mean val_retain)")
     p.add_argument("--runs", nargs="+", required=True, help="the grid's run folders (any methods, grouped by the method in each manifest)")
     p.add_argument("--max_drop", type=float, default=5.0, help="largest allowed val_retain ACC drop below the reference, in points")
+    p.add_argument("--over_seeds", choices=sorted(OVER_SEEDS), default="mean",
+                   help="how a setting run on several seeds is scored: mean (each metric's mean over the seeds) or "
+                        "worst (each metric at its worst seed: lowest val_retain, highest train_forget and val_forget)")
     p.add_argument("--json", help="write the selection (criterion, grid, choices) here")
     p.add_argument("--markdown", help="write the whole grid as a markdown table here (it is also printed)")
     p.add_argument("--env", help="write SEL_<METHOD>=\"flags\" lines here (sourced by the table recipes)")
@@ -227,7 +244,7 @@ def main(argv=None) -> int:
             print(f"error: --{flag} {path}: its folder {Path(path).parent} does not exist", file=sys.stderr)
             return 2
     try:
-        selection = select_all(args.reference, args.runs, args.max_drop)
+        selection = select_all(args.reference, args.runs, args.max_drop, args.over_seeds)
         env = Path(args.env) if args.env else None
         if env and args.update and env.is_file():
             lines = updated_env_lines(selection, env.read_text())
