@@ -18,6 +18,15 @@ def run(folder, kind, val_retain, val_forget, train_forget, method=None, test=No
     return folder
 
 
+def seeded_run(tmp_path):
+    """``run`` for a SPUL setting on one of several seeds: NAME-sSEED with that seed in its config."""
+    def seeded(name, seed, vr, vf, tf, **flags):
+        r = run(tmp_path / f"{name}-s{seed}", "spul", vr, vf, tf, **flags)
+        (r / "config.json").write_text(json.dumps({"seed": seed, **flags}))
+        return r
+    return seeded
+
+
 def test_picks_lowest_forget_within_the_utility_bound(tmp_path):
     ref = run(tmp_path / "qlora", "qlora", 80.0, 85.0, 98.0)
     grid = [
@@ -142,10 +151,7 @@ def test_update_replaces_one_methods_lines_and_keeps_the_others(tmp_path, capsys
 
 
 def test_several_seeds_are_judged_on_the_mean_per_setting(tmp_path):
-    def seeded(name, seed, vr, vf, tf, **flags):
-        r = run(tmp_path / f"{name}-s{seed}", "spul", vr, vf, tf, **flags)
-        (r / "config.json").write_text(json.dumps({"seed": seed, **flags}))
-        return r
+    seeded = seeded_run(tmp_path)
     refs = [run(tmp_path / "q1", "qlora", 80.0, 85.0, 98.0), run(tmp_path / "q2", "qlora", 82.0, 85.0, 98.0)]
     lucky = [seeded("a", 1, 80.0, 10.0, 6.0, lr=3e-3), seeded("a", 2, 70.0, 70.0, 70.0, lr=3e-3)]  # mean 75: out
     steady = [seeded("b", 1, 78.0, 30.0, 30.0, lr=1e-3), seeded("b", 2, 78.0, 40.0, 40.0, lr=1e-3)]  # mean 78, forget 35
@@ -163,10 +169,7 @@ def test_several_seeds_are_judged_on_the_mean_per_setting(tmp_path):
 
 
 def test_worst_over_seeds_judges_each_metric_at_its_worst_seed(tmp_path):
-    def seeded(name, seed, vr, vf, tf, **flags):
-        r = run(tmp_path / f"{name}-s{seed}", "spul", vr, vf, tf, **flags)
-        (r / "config.json").write_text(json.dumps({"seed": seed, **flags}))
-        return r
+    seeded = seeded_run(tmp_path)
     refs = [run(tmp_path / "q1", "qlora", 80.0, 85.0, 98.0), run(tmp_path / "q2", "qlora", 82.0, 85.0, 98.0)]
     # one seed hedges: mean val retain 77 (within the 76 bound), mean forget score (10 + 10) / 2 = 10
     hedge = [seeded("a", 1, 80.0, 0.0, 0.0, lr=3e-3), seeded("a", 2, 74.0, 20.0, 20.0, lr=3e-3)]
