@@ -39,6 +39,8 @@ fi
 : "${SELECTED_OUT:=scripts/selected/$PROFILE-$DATASET.env}"
 : "${SELECT_SEEDS:=$SELECT_SEED}"  # several seeds: each setting judged on its metrics combined over them
 : "${SELECT_OVER_SEEDS:=mean}"       # how: mean, or worst (each metric at its worst seed); utils/select.py
+# a bad SELECT_OVER_SEEDS stops here, in one line, not after the grid has run
+$PY -c 'import sys; from utils.select import OVER_SEEDS as o; v = sys.argv[1]; v in o or sys.exit(f"error: SELECT_OVER_SEEDS={v}: use one of {chr(44).join(o)}")' "$SELECT_OVER_SEEDS" || exit 2
 NO_TEST=(--eval_splits train_forget val_retain val_forget)  # what the criterion reads; never test
 
 runs=() refs=()

@@ -192,6 +192,10 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     worst = [parse(c) for c in dry_run("select.sh", PROFILE="cpu", SELECT_SEEDS="1 2", SELECT_METHODS="spul",
                                        SELECT_OVER_SEEDS="worst")]
     assert worst[-1][1].over_seeds == "worst"
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "select.sh"), "--dry-run"], capture_output=True, text=True,
+                         env={**os.environ, "PROFILE": "cpu", "SELECT_OVER_SEEDS": "median"}, cwd=REPO, timeout=60)
+    assert bad.returncode == 2 and not bad.stdout  # refused before any stage is planned
+    assert bad.stderr.strip().splitlines() == ["error: SELECT_OVER_SEEDS=median: use one of mean,worst"]
 
 
 def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):
