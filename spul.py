@@ -9,6 +9,7 @@ one run folder."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,10 +26,10 @@ from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_
 from utils.spul_loss import SpulObjective, forget_fit_note, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
-from utils.spul_run import check_sources, resume_encoder, spul_manifest
+from utils.spul_run import attempt_seeds, check_sources, kept_attempt, resume_encoder, spul_manifest
 from utils.template import Encoder
 from utils.trackers import open_trackers
-from utils.training import TrainConfig, TrainingDiverged, seed_everything, train
+from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
 
 
 def build_parser():
@@ -58,6 +59,16 @@ def build_parser():
     g.add_argument("--cache_reference", action="store_true", default=True, help="(default) keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward. Turned off, with a note, when the frozen model has active dropout (its reference is then not a fixed function of the input)")
     g.add_argument("--no_cache_reference", dest="cache_reference", action="store_false", help="compute the reference on the fly at every step (the release's KL without its stored logits)")
     cli.add_train_args(p, lr=1e-4, epochs=10, batch=32, warmup=0.1, weight_decay=0.001, max_grad_norm=0.3, save_every=200)
+    g = p.add_argument_group("validation guard (ours)")
+    g.add_argument("--restarts", type=int, default=0, metavar="N",
+                   help="after training, evaluate val_forget; while its ACC is above --restart_val_forget, train again from a "
+                        "fresh prompt with seed + 1000 (then + 2000, ...), at most N times, and keep the first attempt at or "
+                        "under the bound, else the one with the lowest val forget ACC. Each attempt is the same computation as "
+                        "a run with its seed. It reads validation data (never a test split), so the kept run's val_forget is "
+                        "no longer held out. 0 (default, the paper): one attempt, no guard")
+    g.add_argument("--restart_val_forget", type=float, default=15.0, metavar="ACC",
+                   help="the guard's bound on val_forget ACC in %% (default 15: above it, a run of the CPU recipe has not "
+                        "learned the names, see docs/experiments-cpu.md)")
     cli.add_output_args(p)
     return p
 
@@ -75,10 +86,14 @@ def check_args(args) -> None:
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
         "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),
+        "restarts": (args.restarts >= 0, "must be >= 0"),
+        "restart_val_forget": (0 <= args.restart_val_forget <= 100, "must be an ACC in [0, 100]"),
     }
     for name, (ok, why) in checks.items():
         if not ok:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
+    if args.restarts and (args.resume or args.resume_from):
+        raise cli.UsageError(f"--restarts {args.restarts}: not with --resume or --resume_from (each attempt starts from a fresh prompt)")
     if args.forget_names and not (args.counterfactual_retain or args.forget_swaps or args.hard_prefix != "none"):
         raise cli.UsageError("--forget_names: only used with --counterfactual_retain, --forget_swaps or --hard_prefix")
     # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
@@ -98,6 +113,50 @@ def load_frozen_source(args, device):
     return load_pretrained(args.model_name, device, args.set_pad_id), []
 
 
+@dataclass
+class Attempt:
+    """One training of the prompt from a fresh start (``--restarts`` makes several)."""
+    seed: int
+    model: object  # the PEFT model wrapping the frozen source model
+    prompt: torch.Tensor  # its prompt embeddings, after the hard prefix if any
+    stats: TrainStats
+    objective: SpulObjective
+    val_forget: float | None = None  # val_forget ACC, when the guard is on
+
+
+def train_prompt(args, cfg: TrainConfig, frozen, tokenizer, encoder, splits, names, spare, prefix_text, row_norm,
+                 cache_reference, device, tracking, task) -> Attempt:
+    """Everything that depends on the seed: the copies of forget texts (--counterfactual_retain,
+    --forget_swaps), the prompt's initialisation, the batches and the generic-label draw; then
+    train. A fresh PEFT wrapper each time: prompt learning leaves the frozen model untouched."""
+    seed = cfg.seed
+    extra = counterfactual_retain(splits["train_forget"], names, seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
+    swaps = forget_name_swaps(splits["train_forget"], names, seed, args.forget_swaps) if args.forget_swaps else None
+    if spare is not None:
+        extra = spare if extra is None else pd.concat([extra, spare], ignore_index=True)
+    model = add_prompt(frozen, args.ptuning_num_tokens, args.ptuning_hidden_size, seed, row_norm)
+    if args.resume_from:
+        resume_encoder(model, args.resume_from)
+    if distributed.is_main():
+        print(f"soft prompt, seed {seed}: trainable parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
+    features = training_set(encoder, splits, seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps,
+                            generic_label=args.generic_label)
+    fixed = prefix_embeddings(model, tokenizer, prefix_text) if prefix_text else None
+    prompt_fn = with_hard_prefix(prompt_embeddings, fixed)  # the soft prompt, after the hard prefix if any
+    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=cache_reference, fixed_prefix=fixed)
+    try:
+        stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul", trackers=tracking)
+    except TrainingDiverged as e:
+        print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
+        sys.exit(1)
+    note = forget_fit_note(stats.epoch_means, 1 if args.generic_label else len(task.generic_labels))
+    if note and distributed.is_main():
+        print(note)
+    with torch.no_grad():
+        prompt = prompt_fn(model).detach()
+    return Attempt(seed, model, prompt, stats, objective)
+
+
 @cli.entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -110,9 +169,9 @@ def main(argv=None):
         raise cli.UsageError(f"--generic_label {args.generic_label}: not a generic label of task {data.task.name} "
                              f"(choose from {', '.join(data.task.generic_labels)})")
     splits = prepare_splits(data)
+    if args.restarts and not len(splits.get("val_forget", ())):
+        raise cli.UsageError(f"--restarts {args.restarts}: the guard reads val_forget, and this data has none")
     names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
-    extra = counterfactual_retain(splits["train_forget"], names, args.seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
-    swaps = forget_name_swaps(splits["train_forget"], names, args.seed, args.forget_swaps) if args.forget_swaps else None
     spare = unused_retain(data, args.pseudo_retain) if args.pseudo_retain else None  # before any model loads
     prefix_text = hard_prefix_text(args.hard_prefix, args.forget_names, data, splits, f"--hard_prefix {args.hard_prefix}")
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
@@ -126,38 +185,41 @@ def main(argv=None):
     pseudo = None
     if spare is not None:  # the frozen model's own answers, before the prompt exists
         spare, pseudo = pseudo_labelled(source.model, encoder, spare, args.eval_batch_size, device)
-        extra = spare if extra is None else pd.concat([extra, spare], ignore_index=True)
         if distributed.is_main():
             print(f"pseudo-labelled retain rows: {pseudo['rows']} ({', '.join(f'{w} {n}' for w, n in pseudo['label_counts'].items())})")
     row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
-    model = add_prompt(source.model, args.ptuning_num_tokens, args.ptuning_hidden_size, args.seed, row_norm)
-    if args.resume_from:
-        resume_encoder(model, args.resume_from)
-    if distributed.is_main():
-        print(f"device {device}, frozen model {source.manifest['kind']}, trainable prompt parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
-
-    features = training_set(encoder, splits, args.seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps,
-                            generic_label=args.generic_label)
     cache_reference = args.cache_reference and not has_dropout(source.model)
     if args.cache_reference and not cache_reference and distributed.is_main():
         print("note: reference cache off: the frozen model has dropout > 0, so its no-prompt reference changes from visit to visit")
-    fixed = prefix_embeddings(model, tokenizer, prefix_text) if prefix_text else None
-    prompt_fn = with_hard_prefix(prompt_embeddings, fixed)  # the soft prompt, after the hard prefix if any
-    objective = SpulObjective(prompt_embeddings, args.alpha, args.beta, reference_cache=cache_reference, fixed_prefix=fixed)
     cfg = TrainConfig(args.lr, args.num_epochs, args.train_batch_size, args.weight_decay, args.warmup_ratio, args.max_grad_norm, args.seed, **ckpt)
     tracking = open_trackers(cfg)  # --report_to: kept open by train for the evaluation metrics
-    try:
-        stats = train(model, trainable_parameters(model), objective, features, cfg, device, tokenizer.pad_token_id, desc="spul", trackers=tracking)
-    except TrainingDiverged as e:
-        print(f"error: SPUL diverged: {e}; nothing saved (try a lower --lr than {args.lr:g})", file=sys.stderr)
-        sys.exit(1)
-    note = forget_fit_note(stats.epoch_means, 1 if args.generic_label else len(data.task.generic_labels))
-    if note and distributed.is_main():
-        print(note)
-    with torch.no_grad():
-        prompt = prompt_fn(model).detach()
-    evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=prompt, split_names=args.eval_splits)
+    if distributed.is_main():
+        print(f"device {device}, frozen model {source.manifest['kind']}")
+
+    attempts = []
+    for k, seed in enumerate(attempt_seeds(args.seed, args.restarts)):
+        if k:
+            seed_everything(seed)  # as a run started with this seed
+        attempt = train_prompt(args, replace(cfg, seed=seed), source.model, tokenizer, encoder, splits, names, spare,
+                               prefix_text, row_norm, cache_reference, device, tracking, data.task)
+        attempts.append(attempt)
+        if not args.restarts:
+            break
+        attempt.val_forget = evaluate(attempt.model, encoder, splits, args.eval_batch_size, device, prompt=attempt.prompt,
+                                      split_names=["val_forget"]).metrics["val_forget"]["accuracy"]
+        passed = attempt.val_forget <= args.restart_val_forget
+        if distributed.is_main():
+            print(f"guard: attempt {k + 1} (seed {seed}): val forget ACC {attempt.val_forget:.2f}, "
+                  f"{'at or under' if passed else 'above'} {args.restart_val_forget:g}")
+        if passed:
+            break
+    kept = attempts[kept_attempt([a.val_forget for a in attempts], args.restart_val_forget)] if args.restarts else attempts[0]
+    model, stats, objective = kept.model, kept.stats, kept.objective
+    evaluation = evaluate(model, encoder, splits, args.eval_batch_size, device, prompt=kept.prompt, split_names=args.eval_splits)
     tracking.finish(evaluation.metrics, stats.steps)
+    guard = {"attempts": [{"seed": a.seed, "val_forget_accuracy": a.val_forget, "steps": a.stats.steps,
+                           "train_seconds": sum(a.stats.epoch_seconds)} for a in attempts],
+             "kept_seed": kept.seed, "bound": args.restart_val_forget} if args.restarts else None
 
     if distributed.is_main():  # one run folder, whatever the number of processes
         with atomic_run_dir(out, args.overwrite) as tmp:
@@ -167,11 +229,12 @@ def main(argv=None):
             manifest = spul_manifest(data, splits, source, tmp, model, tokenizer, model_checkpoints=args.model_checkpoints,
                                      model_name=args.model_name, seed=args.seed, threads=args.threads, alpha=args.alpha,
                                      beta=args.beta, resume_from=args.resume_from, forced=forced, hard_prefix=hard,
-                                     generic_label=args.generic_label)
+                                     generic_label=args.generic_label, trained_seed=kept.seed)
             manifest["prompt"]["row_norm"] = row_norm
             if pseudo is not None:
                 manifest["pseudo_retain"] = pseudo
-            save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost()})
+            save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "kl_reference": objective.cost(),
+                                                             **({"guard": guard} if guard else {})})
         cli.remove_checkpoints(out)
         print(format_table({"SPUL": evaluation.metrics}))
         print(f"run folder: {out}")

@@ -13,6 +13,7 @@ import spul
 from tests.conftest import TINY_DATA_ARGS
 from tests.tiny import save_tiny_model
 from utils.invariant import strict_blas
+from utils.spul_run import attempt_seeds, kept_attempt
 
 SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",
@@ -136,6 +137,9 @@ def test_mismatched_manifest_is_refused_unless_forced(runs, data_args, tmp_path,
     (["--model_checkpoints", "/nonexistent/run"], "--model_checkpoints"),
     (["--resume_from", "/nonexistent/run"], "--resume_from"),
     (["--generic_label", "positive"], "--generic_label positive"),
+    (["--restarts", "-1"], "--restarts"),
+    (["--restart_val_forget", "101"], "--restart_val_forget"),
+    (["--restarts", "1", "--resume_from", "/nonexistent/run"], "--restarts 1"),
 ])
 def test_spul_bad_input_one_line(extra, flag, capsys, tmp_path):
     out = tmp_path / "out"
@@ -249,3 +253,69 @@ def test_spul_passes_its_epoch_means_to_the_fit_note(runs, data_args, tmp_path, 
     assert "note: sentinel" in capsys.readouterr().out
     (means, k), = seen
     assert k == 1 and means == read(tmp_path / "s" / "train_stats.json")["epoch_means"]
+
+
+def test_guard_that_does_not_fire_leaves_the_run_as_it_was(runs, data_args, tmp_path):
+    """--restarts with a bound the first attempt meets: one attempt, and the same metrics.json as
+    the unguarded command (the fixture's run); the guard's record is in train_stats.json."""
+    out = tmp_path / "g"
+    spul.main(["--model_checkpoints", str(runs / "qlora"), "--restarts", "1", "--restart_val_forget", "100",
+               "--output_path", str(out)] + SPUL_ARGS + data_args)
+    assert (out / "metrics.json").read_bytes() == (runs / "spul" / "metrics.json").read_bytes()
+    guard = read(out / "train_stats.json")["guard"]
+    first = read(runs / "spul" / "metrics.json")["val_forget"]["accuracy"]
+    assert [a["seed"] for a in guard["attempts"]] == [42] and guard["kept_seed"] == 42
+    assert guard["attempts"][0]["val_forget_accuracy"] == first
+    assert read(out / "manifest.json")["seed"] == 42  # what other stages of seed 42 pair with
+    assert "guard" not in read(runs / "spul" / "train_stats.json")
+
+
+@pytest.mark.parametrize("guard_accs, kept_seed", [
+    ((50.0, 0.0, 99.0), 1042),  # attempt 1 above the bound, attempt 2 under it: stop there, keep 1042
+    ((60.0, 70.0), 42),  # both above (--restarts 1): keep the lower, the first
+])
+def test_guard_that_fires_keeps_the_run_of_the_seed_it_chose(runs, data_args, tmp_path, capsys, monkeypatch, guard_accs, kept_seed):
+    """The guard's val forget ACCs are set by the test (the tiny model's real ones may be 0 on any
+    seed); everything else is real. The run folder is the one the rule picks, byte for byte the
+    plain run of that seed (metrics, prompt, encoder): a restart is the same computation as a run
+    started with seed + 1000, and the first attempt the same as the unguarded command."""
+    accs = iter(guard_accs)
+    real = spul.evaluate
+
+    def evaluate(*a, split_names=None, **k):
+        ev = real(*a, split_names=split_names, **k)
+        if split_names == ["val_forget"]:  # the guard's own evaluation
+            ev.metrics["val_forget"]["accuracy"] = next(accs)
+        return ev
+
+    monkeypatch.setattr(spul, "evaluate", evaluate)
+    restarts = len(guard_accs) - 1
+    out = tmp_path / "g"
+    capsys.readouterr()
+    spul.main(["--model_checkpoints", str(runs / "qlora"), "--restarts", str(restarts), "--output_path", str(out)]
+              + SPUL_ARGS + data_args)
+    printed = capsys.readouterr().out
+    assert "guard: attempt 1 (seed 42): val forget ACC" in printed and "guard: attempt 2 (seed 1042)" in printed
+    assert "seed 2042" not in printed  # attempt 2 passed, or there was no third
+    guard = read(out / "train_stats.json")["guard"]
+    assert [(a["seed"], a["val_forget_accuracy"]) for a in guard["attempts"]] == [(42, guard_accs[0]), (1042, guard_accs[1])]
+    assert guard["kept_seed"] == kept_seed and guard["bound"] == 15.0
+    if kept_seed == 1042:
+        spul.main(["--model_checkpoints", str(runs / "qlora"), "--seed", "1042", "--output_path", str(tmp_path / "plain")]
+                  + SPUL_ARGS + data_args)
+    plain = tmp_path / "plain" if kept_seed == 1042 else runs / "spul"
+    for name in ("metrics.json", "prompt/adapter_model.safetensors", "prompt_encoder.safetensors"):
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    assert read(out / "manifest.json")["seed"] == 42  # the run's seed, which other stages of seed 42 pair with
+
+
+def test_attempt_seeds_and_the_kept_attempt_by_hand():
+    assert attempt_seeds(42, 0) == [42] and attempt_seeds(42, 2) == [42, 1042, 2042]
+    assert kept_attempt([21.88], 15) == 0  # one attempt: kept whatever it is
+    assert kept_attempt([21.88, 9.38], 15) == 1  # the second passes
+    assert kept_attempt([9.38, 3.12], 15) == 0  # the first passes: no later attempt counts
+    assert kept_attempt([60.94, 21.88], 15) == 1  # neither passes: the lower
+    assert kept_attempt([21.88, 21.88, 30.0], 15) == 0  # equals: the earliest
+    assert kept_attempt([15.0], 15) == 0 and kept_attempt([15.01, 40.0], 15) == 0  # at the bound passes
+    with pytest.raises(ValueError):
+        kept_attempt([], 15)

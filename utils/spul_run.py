@@ -61,6 +61,25 @@ def check_sources(model_checkpoints: str | None, model_name: str | None, resume_
     return model_name
 
 
+RESTART_STRIDE = 1000  # --restarts: attempt k trains with seed + 1000 k
+
+
+def attempt_seeds(seed: int, restarts: int) -> list[int]:
+    """The seed of each attempt ``spul.py --restarts`` may make, the first being ``seed``."""
+    return [seed + RESTART_STRIDE * k for k in range(restarts + 1)]
+
+
+def kept_attempt(val_forget: list[float], bound: float) -> int:
+    """Which attempt a guarded run keeps, given each attempt's val_forget ACC: the first at or
+    under ``bound``; if none is, the lowest (the earliest of equals)."""
+    if not val_forget:
+        raise ValueError("no attempt to choose from")
+    for i, acc in enumerate(val_forget):
+        if acc <= bound:
+            return i
+    return min(range(len(val_forget)), key=lambda i: (val_forget[i], i))
+
+
 def source_binding(model_checkpoints: str | None, source) -> dict:
     """Manifest fields naming the QLoRA run the prompt sits on (None for a pre-trained model)."""
     is_qlora = source.manifest.get("kind") == "qlora"
@@ -75,11 +94,13 @@ def source_binding(model_checkpoints: str | None, source) -> dict:
 def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, model_checkpoints: str | None,
                   model_name: str, seed: int, threads: int | None, alpha: float, beta: float,
                   resume_from: str | None, forced: list, hard_prefix: dict | None = None,
-                  generic_label: str | None = None) -> dict:
+                  generic_label: str | None = None, trained_seed: int | None = None) -> dict:
     """The manifest of a SPUL run: ``run_manifest`` plus the QLoRA run and its adapter hash,
     the tokenizer, the prompt's shape and hashes, the loss weights, how many forget samples
     drew each generic label, any mismatch accepted with --force, and the hard-text prefix
-    (``--hard_prefix``: its kind and ``utils.guardrails.save_prefix``'s record) or None."""
+    (``--hard_prefix``: its kind and ``utils.guardrails.save_prefix``'s record) or None.
+    ``seed`` is the run's (the one other stages of the same seed pair with); ``trained_seed``
+    the kept attempt's under ``--restarts`` (default: ``seed``), which drew the generic labels."""
     return run_manifest(
         "spul", data, splits, model_name=model_name, model_path=source.model_path, seed=seed, threads=threads,
         **source_binding(model_checkpoints, source),
@@ -89,7 +110,7 @@ def spul_manifest(data, splits, source, folder: Path, peft_model, tokenizer, *, 
         prompt_encoder_sha256=sha256_file(folder / ENCODER_FILE),
         alpha=alpha,
         beta=beta,
-        generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed, generic_label)).items())),
+        generic_label_counts=dict(sorted(Counter(data.task.generic_for(len(splits["train_forget"]), seed if trained_seed is None else trained_seed, generic_label)).items())),
         resumed_from=str(Path(resume_from).resolve()) if resume_from else None,
         forced_mismatches=forced,
         hard_prefix=hard_prefix,
