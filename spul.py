@@ -65,7 +65,8 @@ def build_parser():
                         "fresh prompt with seed + 1000 (then + 2000, ...), at most N times, and keep the first attempt at or "
                         "under the bound, else the one with the lowest val forget ACC. Each attempt is the same computation as "
                         "a run with its seed. It reads validation data (never a test split), so the kept run's val_forget is "
-                        "no longer held out. 0 (default, the paper): one attempt, no guard")
+                        "no longer held out; train_stats.json records every attempt (\"guard\"), --report_to logs them one after another in "
+                        "one tracker run. 0 (default, the paper): one attempt, no guard")
     g.add_argument("--restart_val_forget", type=float, default=15.0, metavar="ACC",
                    help="the guard's bound on val_forget ACC in %% (default 15: above it, a run of the CPU recipe has not "
                         "learned the names, see docs/experiments-cpu.md)")
