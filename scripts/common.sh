@@ -34,12 +34,15 @@ if [ "$PROFILE" = cpu ]; then
   # SPUL: batch 8 (twice the prompt updates of batch 16 for the same compute); spul.py's
   # default reference cache makes later epochs skip the no-prompt forward (about 25% less time per step)
   : "${SPUL_BATCH:=8}" "${SPUL_FLAGS:=}"
+  # table2.sh's SPUL stage restarts a run once (seed + 1000) when its val forget ACC is above 15
+  # (spul.py --restarts): at 16 epochs some seeds end on a hedge instead of the names (docs/experiments-cpu.md)
+  : "${SPUL_RESTARTS:=1}" "${SPUL_RESTART_VAL_FORGET:=15}"
 elif [ "$PROFILE" = paper ]; then
   : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${DATASET:=sst2}" "${CAPS:=}"
   case "$DATASET" in yelp) d_ep=2 ;; wmdp_sciq) d_ep=5 ;; *) d_ep=10 ;; esac  # QLoRA epochs (notes §4)
   : "${QLORA_EPOCHS:=$d_ep}" "${QLORA_LR:=1e-4}" "${QLORA_QUANT:=}"
   : "${SPUL_EPOCHS:=10}" "${SPUL_LR:=1e-4}" "${BASELINE_LR:=1e-5}" "${BATCH:=32}"
-  : "${SPUL_BATCH:=$BATCH}" "${SPUL_FLAGS:=}"
+  : "${SPUL_BATCH:=$BATCH}" "${SPUL_FLAGS:=}" "${SPUL_RESTARTS:=0}" "${SPUL_RESTART_VAL_FORGET:=15}"
 else
   echo "error: PROFILE=$PROFILE: use paper or cpu" >&2; exit 2
 fi
@@ -54,6 +57,10 @@ else
   SELECTED=""  # no selection for this profile and dataset: the defaults above
 fi
 
+# spul.py's validation guard for table2.sh (SPUL_RESTARTS=0: off, the paper's single run)
+GUARD=()
+[ "$SPUL_RESTARTS" != 0 ] && GUARD=(--restarts "$SPUL_RESTARTS" --restart_val_forget "$SPUL_RESTART_VAL_FORGET")
+
 # selected_flags METHOD: the flags scripts/select.sh chose for METHOD (empty when none)
 selected_flags() { local v="SEL_${1^^}"; printf '%s' "${!v:-}"; }
 # selected_run METHOD SEED: the run folder selection chose, if it was trained with this seed and
@@ -62,6 +69,7 @@ selected_run() {
   local v="SELRUN_${1^^}"
   local overridden=${#USER_SPUL[@]}
   [ "$1" != spul ] && overridden=${#USER_BASELINE[@]}
+  [ "$1" = spul ] && overridden=$(( overridden + ${#GUARD[@]} ))  # a guarded SPUL run may have to restart: trained again
   [ "${SEL_SEED:-}" = "$2" ] && [ "$overridden" = 0 ] && [ -n "${!v:-}" ] && [ -f "${!v}/metrics.json" -o "$DRY_RUN" = 1 ] && printf '%s' "${!v}"
   return 0
 }

@@ -202,7 +202,7 @@ def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):
     sel = tmp_path / "sel.env"
     sel.write_text("SEL_SEED=7\nSEL_SPUL='--lr 0.003'\nSELRUN_SPUL=runs/x/select/spul-a-s7\n"
                    "SEL_NPO='--lr 1e-05'\nSELRUN_NPO=runs/x/select/npo-b-s7\n")
-    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8", SELECTED=str(sel))]
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8", SELECTED=str(sel), SPUL_RESTARTS="0")]
     evals = {a.model_checkpoints: a for t, a in parsed if t == "inference_spul.py" and a.model_checkpoints}
     assert set(evals) == {"runs/x/select/spul-a-s7", "runs/x/select/npo-b-s7"}  # seed 7: evaluated, not retrained
     assert all(a.seed == 7 and a.eval_splits[-2:] == ["test_retain", "test_forget"] for a in evals.values())
@@ -210,8 +210,26 @@ def test_table2_evaluates_the_selected_run_of_the_selection_seed(tmp_path):
     assert [a.seed for a in spul] == [8] and spul[0].lr == 3e-3  # seed 8 trains with the selected flags
     assert [a.seed for t, a in parsed if t == "baselines.py" and a.unlearn_method == "npo"] == [8]
     # a setting from the environment overrides the selection: nothing is reused
-    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7", SELECTED=str(sel), BETA="1")]
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7", SELECTED=str(sel), BETA="1", SPUL_RESTARTS="0")]
     assert [a.seed for t, a in parsed if t == "spul.py"] == [7]
+
+
+def test_table2_guards_spul_on_the_cpu_profile_only(tmp_path):
+    """PROFILE=cpu: table2.sh's SPUL stage carries spul.py's validation guard (--restarts 1
+    --restart_val_forget 15), and the selection's SPUL run is trained again under it rather than
+    reused (the guard may have to restart it); the baselines' selected runs are still reused.
+    SPUL_RESTARTS=0 and the paper profile: no guard."""
+    sel = tmp_path / "sel.env"
+    sel.write_text("SEL_SEED=7\nSEL_SPUL='--lr 0.003'\nSELRUN_SPUL=runs/x/select/spul-a-s7\n"
+                   "SEL_NPO='--lr 1e-05'\nSELRUN_NPO=runs/x/select/npo-b-s7\n")
+    parsed = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="7", SELECTED=str(sel))]
+    spul = [a for t, a in parsed if t == "spul.py"]
+    assert [(a.seed, a.restarts, a.restart_val_forget) for a in spul] == [(7, 1, 15.0)]
+    assert {a.model_checkpoints for t, a in parsed if t == "inference_spul.py" and a.model_checkpoints} == {"runs/x/select/npo-b-s7"}
+    other = [parse(c) for c in dry_run("table2.sh", PROFILE="cpu", SEEDS="8", SPUL_RESTART_VAL_FORGET="10")]
+    assert [(a.restarts, a.restart_val_forget) for t, a in other if t == "spul.py"] == [(1, 10.0)]
+    for env in ({"PROFILE": "cpu", "SPUL_RESTARTS": "0"}, {"PROFILE": "paper"}):
+        assert [a.restarts for t, a in (parse(c) for c in dry_run("table2.sh", SEEDS="8", **env)) if t == "spul.py"] == [0]
 
 
 def test_a_finished_stage_is_reused_only_by_the_command_that_made_it(tmp_path):
