@@ -57,7 +57,11 @@ else
   SELECTED=""  # no selection for this profile and dataset: the defaults above
 fi
 
-# spul.py's validation guard for table2.sh (SPUL_RESTARTS=0: off, the paper's single run)
+# spul.py's validation guard for table2.sh (SPUL_RESTARTS=0: off, the paper's single run); a bad
+# value stops here, in one line, before any stage runs
+[[ "$SPUL_RESTARTS" =~ ^[0-9]+$ ]] || { echo "error: SPUL_RESTARTS=$SPUL_RESTARTS: use a whole number >= 0" >&2; exit 2; }
+[[ "$SPUL_RESTART_VAL_FORGET" =~ ^[0-9]+([.][0-9]+)?$ ]] && awk -v v="$SPUL_RESTART_VAL_FORGET" 'BEGIN{exit !(v <= 100)}' \
+  || { echo "error: SPUL_RESTART_VAL_FORGET=$SPUL_RESTART_VAL_FORGET: use an ACC in [0, 100]" >&2; exit 2; }
 GUARD=()
 [ "$SPUL_RESTARTS" != 0 ] && GUARD=(--restarts "$SPUL_RESTARTS" --restart_val_forget "$SPUL_RESTART_VAL_FORGET")
 

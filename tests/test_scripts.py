@@ -230,6 +230,13 @@ def test_table2_guards_spul_on_the_cpu_profile_only(tmp_path):
     assert [(a.restarts, a.restart_val_forget) for t, a in other if t == "spul.py"] == [(1, 10.0)]
     for env in ({"PROFILE": "cpu", "SPUL_RESTARTS": "0"}, {"PROFILE": "paper"}):
         assert [a.restarts for t, a in (parse(c) for c in dry_run("table2.sh", SEEDS="8", **env)) if t == "spul.py"] == [0]
+    for name, value, why in (("SPUL_RESTARTS", "-1", "use a whole number >= 0"),
+                             ("SPUL_RESTART_VAL_FORGET", "101", "use an ACC in [0, 100]"),
+                             ("SPUL_RESTART_VAL_FORGET", "ten", "use an ACC in [0, 100]")):
+        bad = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh"), "--dry-run"], capture_output=True, text=True,
+                             env={**os.environ, "PROFILE": "cpu", name: value}, cwd=REPO, timeout=60)
+        assert bad.returncode == 2 and not bad.stdout  # refused before any stage is planned
+        assert bad.stderr.strip().splitlines() == [f"error: {name}={value}: {why}"]
 
 
 def test_a_finished_stage_is_reused_only_by_the_command_that_made_it(tmp_path):
