@@ -26,7 +26,7 @@ from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_
 from utils.spul_loss import SpulObjective, forget_fit_note, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
-from utils.spul_run import attempt_seeds, check_sources, kept_attempt, resume_encoder, spul_manifest
+from utils.spul_run import attempt_seeds, check_sources, kept_attempt, passes_guard, resume_encoder, spul_manifest
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
@@ -208,7 +208,7 @@ def main(argv=None):
             break
         attempt.val_forget = evaluate(attempt.model, encoder, splits, args.eval_batch_size, device, prompt=attempt.prompt,
                                       split_names=["val_forget"]).metrics["val_forget"]["accuracy"]
-        passed = attempt.val_forget <= args.restart_val_forget
+        passed = passes_guard(attempt.val_forget, args.restart_val_forget)
         if distributed.is_main():
             print(f"guard: attempt {k + 1} (seed {seed}): val forget ACC {attempt.val_forget:.2f}, "
                   f"{'at or under' if passed else 'above'} {args.restart_val_forget:g}")

@@ -69,13 +69,18 @@ def attempt_seeds(seed: int, restarts: int) -> list[int]:
     return [seed + RESTART_STRIDE * k for k in range(restarts + 1)]
 
 
+def passes_guard(val_forget: float, bound: float) -> bool:
+    """An attempt passes the guard when its val_forget ACC is at or under ``bound``."""
+    return val_forget <= bound
+
+
 def kept_attempt(val_forget: list[float], bound: float) -> int:
     """Which attempt a guarded run keeps, given each attempt's val_forget ACC: the first at or
     under ``bound``; if none is, the lowest (the earliest of equals)."""
     if not val_forget:
         raise ValueError("no attempt to choose from")
     for i, acc in enumerate(val_forget):
-        if acc <= bound:
+        if passes_guard(acc, bound):
             return i
     return min(range(len(val_forget)), key=lambda i: (val_forget[i], i))
 
