@@ -34,7 +34,19 @@ from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings, save_prefix
 from utils.models import add_lora, lora_config, lora_target_modules, select_device, set_pad_token_id
-from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_name, read_manifest, run_manifest, save_run, warn_if_oracle
+from utils.runs import (
+    METRICS,
+    TOKENIZER_DIR,
+    atomic_run_dir,
+    check_output,
+    default_run_name,
+    read_json,
+    read_manifest,
+    run_manifest,
+    save_run,
+    warn_if_oracle,
+)
+from utils.select import READ, attempt_seeds, choose
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train
@@ -77,6 +89,12 @@ def build_parser():
     t.add_argument("--icl_retain", type=int, default=None, metavar="K",
                    help=f"in_context: class-balanced train_retain examples in the context, with their true labels "
                         f"(default {guardrails.ICL_DEFAULT}; drawn with --seed)")
+    t.add_argument("--icl_draws", type=int, default=None, metavar="N",
+                   help="in_context: draw the context N times (seeds --seed, --seed + 1000, ...), evaluate each on "
+                        "train_forget, val_retain and val_forget, and keep the draw the selection criterion picks "
+                        "(python -m utils.select: the lowest mean of train_forget and val_forget ACC among the draws "
+                        "within 5 points of the QLoRA run's val_retain); never reads a test split; needs "
+                        "--model_checkpoints and validation data (default 1: one draw, with --seed)")
     m = p.add_argument_group("starting model")
     m.add_argument("--model_checkpoints", default=None,
                    help="a qlora.py run folder: the base model with its QLoRA adapter merged (the paper's setting); "
@@ -119,10 +137,17 @@ def check_args(args) -> float:
                 raise cli.UsageError(f"--{flag} {getattr(args, flag)}: must be >= 0")
     if "icl_forget" in method.flags and args.icl_forget + args.icl_retain == 0:
         raise cli.UsageError("--icl_forget 0 --icl_retain 0: the context would be empty")
+    if "icl_draws" in method.flags:
+        args.icl_draws = 1 if args.icl_draws is None else args.icl_draws
+        if args.icl_draws < 1:
+            raise cli.UsageError(f"--icl_draws {args.icl_draws}: must be >= 1")
+        if args.icl_draws > 1 and not args.model_checkpoints:
+            raise cli.UsageError(f"--icl_draws {args.icl_draws}: needs --model_checkpoints (its val_retain ACC sets the "
+                                 "utility bound of the choice)")
     return weight
 
 
-METHOD_FLAGS = ("forget_names", "icl_forget", "icl_retain")  # read only by the methods naming them in Method.flags
+METHOD_FLAGS = ("forget_names", "icl_forget", "icl_retain", "icl_draws")  # read only by the methods naming them in Method.flags
 
 
 def default_output(args) -> Path:
@@ -162,17 +187,54 @@ def qlora_binding(qlora_run, qlora_manifest) -> dict:
     }
 
 
+def draw_reference(qlora_run: str, splits) -> float:
+    """``--icl_draws``: the QLoRA run's val_retain ACC (the utility bound of the choice), checked
+    with the validation splits before any model loads."""
+    for split in ("val_retain", "val_forget"):
+        if not len(splits.get(split, ())):
+            raise cli.UsageError(f"--icl_draws: the draws are compared on {split}, and this data has none")
+    metrics = Path(qlora_run) / METRICS
+    if not metrics.is_file() or "val_retain" not in read_json(metrics):
+        raise cli.UsageError(f"--model_checkpoints {qlora_run}: no val_retain metrics in {METRICS} (--icl_draws bounds the "
+                             "draws' utility by it; evaluate the QLoRA run with val_retain)")
+    return float(read_json(metrics)["val_retain"]["accuracy"])
+
+
+def best_draw(guards, seeds, loaded, encoder, splits, batch_size, device, reference_val_retain: float) -> guardrails.Guardrail:
+    """``--icl_draws``: each drawn context evaluated on the selection criterion's splits (``utils.select.READ``:
+    train_forget, val_retain, val_forget; never a test split) and the one ``utils.select.choose`` picks,
+    with every draw's figures in its record."""
+    candidates = []
+    for seed, guard in zip(seeds, guards):
+        prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text)
+        metrics = evaluate(loaded.model, encoder, splits, batch_size, device, prompt=prompt, split_names=list(READ)).metrics
+        candidates.append({"seed": seed, **{s: float(metrics[s]["accuracy"]) for s in READ}})
+        if distributed.is_main():
+            print(f"draw {len(candidates)} (seed {seed}): " + ", ".join(f"{s} {candidates[-1][s]:.2f}" for s in READ))
+    chosen = choose(candidates, reference_val_retain)
+    k = seeds.index(chosen["seed"])
+    if distributed.is_main():
+        print(f"kept draw {k + 1} (seed {chosen['seed']}): forget score {chosen['forget_score']:.2f}, "
+              f"val_retain floor {chosen['val_retain_floor']:.2f}{'' if chosen['constraint_met'] else ' (no draw meets it)'}")
+    draws = {"candidates": candidates, "chosen_seed": chosen["seed"], "reference_val_retain": reference_val_retain,
+             "val_retain_floor": chosen["val_retain_floor"], "constraint_met": chosen["constraint_met"]}
+    return guardrails.Guardrail(guards[k].text, {**guards[k].record, "draws": draws}, guards[k].input_filter)
+
+
 def run_training_free(args, data, method, out: Path, qlora_manifest, splits) -> None:
     """A training-free method: its prefix (names or in-context examples) or input filter (bad
     input is refused here, before any model loads), the starting model evaluated on every split
     with the prefix as prompt embeddings or behind the filter, and a run folder holding the
     prefix or the filter's record and pointing to the model."""
     task = data.task
-    guard = method.prefix(guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, args.seed, data),
-                          splits, task)
+    seeds = attempt_seeds(args.seed, args.icl_draws - 1) if "icl_draws" in method.flags else [args.seed]
+    guards = [method.prefix(guardrails.GuardrailOptions(args.forget_names, args.icl_forget, args.icl_retain, seed, data), splits, task)
+              for seed in seeds]
+    floor_from = draw_reference(args.model_checkpoints, splits) if len(seeds) > 1 else None
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     device = select_device()
     loaded, encoder = load_start(args, task, qlora_manifest, splits, device)
+    guard = best_draw(guards, seeds, loaded, encoder, splits, args.eval_batch_size, device, floor_from) if len(seeds) > 1 else guards[0]
     prompt = prefix_embeddings(loaded.model, loaded.tokenizer, guard.text) if guard.text is not None else None
     if distributed.is_main():
         limit = getattr(loaded.model.config, "max_position_embeddings", None)

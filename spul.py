@@ -26,7 +26,8 @@ from utils.runs import TOKENIZER_DIR, atomic_run_dir, check_output, default_run_
 from utils.spul_loss import SpulObjective, forget_fit_note, has_dropout
 from utils.kinds import load_checked
 from utils.loading import load_pretrained
-from utils.spul_run import attempt_seeds, check_sources, kept_attempt, passes_guard, resume_encoder, spul_manifest
+from utils.select import attempt_seeds
+from utils.spul_run import check_sources, kept_attempt, passes_guard, resume_encoder, spul_manifest
 from utils.template import Encoder
 from utils.trackers import open_trackers
 from utils.training import TrainConfig, TrainingDiverged, TrainStats, seed_everything, train

@@ -37,12 +37,15 @@ if [ "$PROFILE" = cpu ]; then
   # table2.sh's SPUL stage restarts a run once (seed + 1000) when its val forget ACC is above 15
   # (spul.py --restarts): at 16 epochs some seeds end on a hedge instead of the names (docs/experiments-cpu.md)
   : "${SPUL_RESTARTS:=1}" "${SPUL_RESTART_VAL_FORGET:=15}"
+  # table2.sh's in-context baseline keeps the best of 4 seeded draws of its context on validation data
+  # (baselines.py --icl_draws, the selection's criterion): one draw ranged 42-82% test retain over seeds
+  : "${ICL_DRAWS:=4}"
 elif [ "$PROFILE" = paper ]; then
   : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${DATASET:=sst2}" "${CAPS:=}"
   case "$DATASET" in yelp) d_ep=2 ;; wmdp_sciq) d_ep=5 ;; *) d_ep=10 ;; esac  # QLoRA epochs (notes §4)
   : "${QLORA_EPOCHS:=$d_ep}" "${QLORA_LR:=1e-4}" "${QLORA_QUANT:=}"
   : "${SPUL_EPOCHS:=10}" "${SPUL_LR:=1e-4}" "${BASELINE_LR:=1e-5}" "${BATCH:=32}"
-  : "${SPUL_BATCH:=$BATCH}" "${SPUL_FLAGS:=}" "${SPUL_RESTARTS:=0}" "${SPUL_RESTART_VAL_FORGET:=15}"
+  : "${SPUL_BATCH:=$BATCH}" "${SPUL_FLAGS:=}" "${SPUL_RESTARTS:=0}" "${SPUL_RESTART_VAL_FORGET:=15}" "${ICL_DRAWS:=1}"
 else
   echo "error: PROFILE=$PROFILE: use paper or cpu" >&2; exit 2
 fi
@@ -64,6 +67,10 @@ fi
   || { echo "error: SPUL_RESTART_VAL_FORGET=$SPUL_RESTART_VAL_FORGET: use an ACC in [0, 100]" >&2; exit 2; }
 GUARD=()
 [ "$SPUL_RESTARTS" != 0 ] && GUARD=(--restarts "$SPUL_RESTARTS" --restart_val_forget "$SPUL_RESTART_VAL_FORGET")
+# the in-context baseline's draws for table2.sh (ICL_DRAWS=1: one context drawn with the seed)
+[[ "$ICL_DRAWS" =~ ^[1-9][0-9]*$ ]] || { echo "error: ICL_DRAWS=$ICL_DRAWS: use a whole number >= 1" >&2; exit 2; }
+DRAWS=()
+[ "$ICL_DRAWS" != 1 ] && DRAWS=(--icl_draws "$ICL_DRAWS")
 
 # selected_flags METHOD: the flags scripts/select.sh chose for METHOD (empty when none)
 selected_flags() { local v="SEL_${1^^}"; printf '%s' "${!v:-}"; }

@@ -21,6 +21,7 @@ for seed in $SEEDS; do
     chosen=$(selected_run "$method" "$seed")
     if [ -n "$chosen" ]; then eval_stage "$method-s$seed" "$chosen" "$seed"
     elif [ "$method" = spul ]; then spul_stage "$seed" "spul-s$seed" --ptuning_num_tokens "$P_TOKENS" "${GUARD[@]}"
+    elif [ "$method" = in_context ]; then baseline_stage "$seed" in_context "in_context-s$seed" "${DRAWS[@]}"
     else baseline_stage "$seed" "$method"; fi
   done
   for r in qlora retrain $TRAINED_BASELINES $TRAINING_FREE spul; do runs+=("$OUT/$r-s$seed"); done

@@ -306,6 +306,68 @@ def test_training_free_run_end_to_end(method, runs, qlora_run, entities_data, tm
     assert _read(tmp_path / "np", "metrics.json") == _read(tmp_path / "q", "metrics.json")
 
 
+def test_icl_draws_keep_the_draw_the_selection_criterion_picks(qlora_run, entities_data, tmp_path, monkeypatch):
+    """--icl_draws 3: the draws' selection figures are set by the test (the tiny model's predictions
+    hardly move with a context), everything else is real. The criterion (utils.select.choose) must
+    skip draw 2 (below the val_retain floor) and keep draw 3 (lower forget score than draw 1); the
+    run then equals the plain run drawn with draw 3's seed: same prefix, byte-identical metrics."""
+    ref = _read(qlora_run, "metrics.json")["val_retain"]["accuracy"]
+    figures = [{"train_forget": 40.0, "val_retain": ref, "val_forget": 40.0},  # within the bound, forget score 40
+               {"train_forget": 0.0, "val_retain": ref - 6, "val_forget": 0.0},  # forgets all, below the floor
+               {"train_forget": 20.0, "val_retain": ref - 4, "val_forget": 30.0}]  # within the bound, forget score 25
+    real, calls = baselines.evaluate, []
+
+    def evaluate(model, encoder, splits, *args, split_names=None, **kwargs):
+        result = real(model, encoder, splits, *args, split_names=split_names, **kwargs)
+        if split_names == list(baselines.READ):
+            calls.append(split_names)
+            for split, acc in figures[len(calls) - 1].items():
+                result.metrics[split]["accuracy"] = acc
+        return result
+
+    monkeypatch.setattr(baselines, "evaluate", evaluate)
+    out = tmp_path / "draws"
+    baselines.main(["--model_checkpoints", str(qlora_run), "--unlearn_method", "in_context", "--seed", "7", "--icl_draws", "3",
+                    "--output_path", str(out)] + entities_data)
+    assert len(calls) == 3 and set(baselines.READ) == {"train_forget", "val_retain", "val_forget"}  # never a test split
+    draws = _read(out, "manifest.json")["guardrail"]["draws"]
+    assert [c["seed"] for c in draws["candidates"]] == [7, 1007, 2007] and draws["chosen_seed"] == 2007
+    assert draws["constraint_met"] and draws["val_retain_floor"] == pytest.approx(ref - 5)
+    assert [{k: c[k] for k in figures[0]} for c in draws["candidates"]] == figures
+    monkeypatch.setattr(baselines, "evaluate", real)
+    plain = tmp_path / "plain"
+    baselines.main(["--model_checkpoints", str(qlora_run), "--unlearn_method", "in_context", "--seed", "2007",
+                    "--output_path", str(plain)] + entities_data)
+    assert (out / "prefix.txt").read_bytes() == (plain / "prefix.txt").read_bytes()
+    assert (out / "metrics.json").read_bytes() == (plain / "metrics.json").read_bytes()
+    assert _read(out, "manifest.json")["seed"] == 7 and _read(out, "config.json")["icl_draws"] == 3
+    first = tmp_path / "first"  # the choice matters: draw 1's context is another one
+    baselines.main(["--model_checkpoints", str(qlora_run), "--unlearn_method", "in_context", "--seed", "7",
+                    "--output_path", str(first)] + entities_data)
+    assert (first / "prefix.txt").read_bytes() != (out / "prefix.txt").read_bytes()
+
+
+def test_icl_draws_check_the_bound_and_the_validation_data_before_loading(qlora_run, entities_data, tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(baselines, "load_run", no_model)
+    monkeypatch.setattr(baselines, "load_pretrained", no_model)
+    blind = tmp_path / "qlora-no-val"  # a QLoRA run evaluated without val_retain
+    shutil.copytree(qlora_run, blind)
+    metrics = _read(blind, "metrics.json")
+    (blind / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "val_retain"}))
+    cases = [(["--model_checkpoints", str(blind)] + entities_data, "no val_retain metrics"),
+             (["--model_checkpoints", str(qlora_run), "--val_fraction", "0"] + entities_data, "this data has none")]
+    for extra, words in cases:
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as e:
+            baselines.main(["--unlearn_method", "in_context", "--icl_draws", "2", "--output_path", str(out)] + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "--icl_draws" in err[0] and not out.exists()
+
+
 def test_instruction_prompt_on_a_pretrained_model_with_forget_names(tiny_model_dir, entities_data, tmp_path):
     out = tmp_path / "ip"
     baselines.main(["--model_name", tiny_model_dir, "--unlearn_method", "instruction_prompt", "--forget_names", "Ann Other",
@@ -361,6 +423,9 @@ def test_instruction_prompt_without_names_exits_2_before_loading(monkeypatch, ti
     (["--unlearn_method", "in_context", "--icl_retain", "-1"], "--icl_retain"),
     (["--unlearn_method", "in_context", "--icl_forget", "0", "--icl_retain", "0"], "--icl_forget"),
     (["--unlearn_method", "in_context", "--icl_forget", "50"], "--icl_forget 50"),
+    (["--unlearn_method", "in_context", "--icl_draws", "0"], "--icl_draws 0"),
+    (["--unlearn_method", "instruction_prompt", "--icl_draws", "2"], "--icl_draws"),
+    (["--unlearn_method", "in_context", "--icl_draws", "2"], "--icl_draws 2"),  # no --model_checkpoints: no utility bound
 ])
 def test_bad_training_free_flags_are_one_line(extra, flag, tiny_model_dir, tmp_path, capsys):
     folder = write_splits(tmp_path / "d")
@@ -376,7 +441,7 @@ def test_help_explains_the_training_free_flags(capsys):
     with pytest.raises(SystemExit):
         baselines.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert all(f in out for f in ("--forget_names", "--icl_forget", "--icl_retain"))
+    assert all(f in out for f in ("--forget_names", "--icl_forget", "--icl_retain", "--icl_draws"))
     assert "instruction_prompt (training-free)" in out and "in_context (training-free)" in out
     assert "npo (training-free)" not in out
 

@@ -239,6 +239,22 @@ def test_table2_guards_spul_on_the_cpu_profile_only(tmp_path):
         assert bad.stderr.strip().splitlines() == [f"error: {name}={value}: {why}"]
 
 
+def test_table2_draws_the_in_context_baseline_on_the_cpu_profile_only():
+    """PROFILE=cpu: the in-context baseline keeps the best of ICL_DRAWS=4 draws (baselines.py
+    --icl_draws); ICL_DRAWS=1 and the paper profile draw once; a bad value stops in one line."""
+    def draws(**env):
+        parsed = [parse(c) for c in dry_run("table2.sh", SEEDS="7", **env)]
+        return [a.icl_draws for t, a in parsed if t == "baselines.py" and a.unlearn_method == "in_context"]
+
+    assert draws(PROFILE="cpu") == [4] and draws(PROFILE="cpu", ICL_DRAWS="6") == [6]
+    assert draws(PROFILE="cpu", ICL_DRAWS="1") == [None] and draws(PROFILE="paper") == [None]
+    for value in ("0", "-2", "four"):
+        bad = subprocess.run(["bash", str(REPO / "scripts" / "table2.sh"), "--dry-run"], capture_output=True, text=True,
+                             env={**os.environ, "PROFILE": "cpu", "ICL_DRAWS": value}, cwd=REPO, timeout=60)
+        assert bad.returncode == 2 and not bad.stdout
+        assert bad.stderr.strip().splitlines() == [f"error: ICL_DRAWS={value}: use a whole number >= 1"]
+
+
 def test_a_finished_stage_is_reused_only_by_the_command_that_made_it(tmp_path):
     out = tmp_path / "out"
     first = " ".join(dry_run("table2.sh", PROFILE="cpu", OUT=str(out), PY="false")[0])  # the vanilla s42 stage

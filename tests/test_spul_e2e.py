@@ -13,7 +13,8 @@ import spul
 from tests.conftest import TINY_DATA_ARGS
 from tests.tiny import save_tiny_model
 from utils.invariant import strict_blas
-from utils.spul_run import attempt_seeds, kept_attempt
+from utils.select import attempt_seeds
+from utils.spul_run import kept_attempt
 
 SPLITS = ("train_retain", "train_forget", "val_retain", "val_forget", "test_retain", "test_forget")
 SPUL_ARGS = ["--num_epochs", "1", "--train_batch_size", "8", "--lr", "1e-2",

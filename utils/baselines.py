@@ -296,8 +296,9 @@ METHODS: dict[str, Method] = {
         None,
         "in-context unlearning (Pawelczyk et al. 2024): a fixed context of --icl_forget train_forget examples "
         "with generic labels and --icl_retain class-balanced train_retain examples with their true labels, "
-        "seeded, before every input",
-        "In-context unlearning", training_free=True, prefix=guardrails.in_context_guardrail, flags=("icl_forget", "icl_retain"),
+        "seeded, before every input (--icl_draws N: the best of N seeded draws on validation data)",
+        "In-context unlearning", training_free=True, prefix=guardrails.in_context_guardrail,
+        flags=("icl_forget", "icl_retain", "icl_draws"),
     ),
     "name_filter": Method(
         None,

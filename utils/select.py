@@ -82,6 +82,16 @@ def read_run(folder: Path) -> dict:
             **{s: float(metrics[s]["accuracy"]) for s in READ}}
 
 
+CANDIDATE_STRIDE = 1000  # candidate k of a seeded search runs with seed + 1000 k
+
+
+def attempt_seeds(seed: int, restarts: int) -> list[int]:
+    """The seed of each candidate of a seeded search on validation data, the first being ``seed``:
+    ``spul.py --restarts`` (one attempt, then up to ``restarts`` more) and ``baselines.py
+    --icl_draws`` (``restarts`` = draws - 1)."""
+    return [seed + CANDIDATE_STRIDE * k for k in range(restarts + 1)]
+
+
 def forget_score(run: dict) -> float:
     return (run["train_forget"] + run["val_forget"]) / 2
 

@@ -61,14 +61,6 @@ def check_sources(model_checkpoints: str | None, model_name: str | None, resume_
     return model_name
 
 
-RESTART_STRIDE = 1000  # --restarts: attempt k trains with seed + 1000 k
-
-
-def attempt_seeds(seed: int, restarts: int) -> list[int]:
-    """The seed of each attempt ``spul.py --restarts`` may make, the first being ``seed``."""
-    return [seed + RESTART_STRIDE * k for k in range(restarts + 1)]
-
-
 def passes_guard(val_forget: float, bound: float) -> bool:
     """An attempt passes the guard when its val_forget ACC is at or under ``bound``."""
     return val_forget <= bound
