@@ -193,11 +193,12 @@ def draw_reference(qlora_run: str, splits) -> float:
     for split in ("val_retain", "val_forget"):
         if not len(splits.get(split, ())):
             raise cli.UsageError(f"--icl_draws: the draws are compared on {split}, and this data has none")
-    metrics = Path(qlora_run) / METRICS
-    if not metrics.is_file() or "val_retain" not in read_json(metrics):
+    path = Path(qlora_run) / METRICS
+    metrics = read_json(path) if path.is_file() else {}
+    if "val_retain" not in metrics:
         raise cli.UsageError(f"--model_checkpoints {qlora_run}: no val_retain metrics in {METRICS} (--icl_draws bounds the "
                              "draws' utility by it; evaluate the QLoRA run with val_retain)")
-    return float(read_json(metrics)["val_retain"]["accuracy"])
+    return float(metrics["val_retain"]["accuracy"])
 
 
 def best_draw(guards, seeds, loaded, encoder, splits, batch_size, device, reference_val_retain: float) -> guardrails.Guardrail:
