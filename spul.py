@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from utils import cli, distributed
-from utils.augment import counterfactual_retain, forget_name_swaps, forgotten_names, pseudo_labelled
+from utils.augment import counterfactual_retain, forget_name_swaps, forget_name_typos, forgotten_names, pseudo_labelled
 from utils.data import prepare_splits, training_set, unused_retain
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
@@ -54,8 +54,9 @@ def build_parser():
     g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
     g.add_argument("--pseudo_retain", type=int, default=0, metavar="N", help="add N retain texts from the part of the training pool that no split uses (the rows the --max_train_retain cap leaves out; never a validation or test row), each labelled with the frozen model's own answer without the prompt, to the retain side of the loss (L_r and L_kl), so that the prompt is also held to the model's behaviour on reviews outside the training set (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
+    g.add_argument("--forget_typos", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with every forgotten name misspelled (one seeded letter-level edit per name: a letter dropped, doubled or replaced; never a swap of two letters, the name_typo probe's edit, nor a case change), to the forget side of the loss with generic labels, so that the prompt also forgets near-miss spellings (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--hard_prefix", default="none", choices=HARD_PREFIXES, help="none (default, the paper): the soft prompt alone; instruction: the instruction_prompt baseline's text, which names the forgotten people, as fixed tokens before the soft prompt (ours: the names in front make \"names a forgotten person\" readable at the label position, see the README)")
-    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain, --forget_swaps and --hard_prefix instruction (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
+    g.add_argument("--forget_names", nargs="+", metavar="NAME", default=None, help="the forgotten names for --counterfactual_retain, --forget_swaps, --forget_typos and --hard_prefix instruction (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--resume_from", default=None, help="a spul.py run folder whose prompt encoder weights initialise this run (fresh optimiser and schedule)")
     g.add_argument("--cache_reference", action="store_true", default=True, help="(default) keep the no-prompt reference's final hidden states at the label positions of each retain sample after its first visit (d floats per label position, the same KL up to float rounding): epochs after the first skip the reference forward. Turned off, with a note, when the frozen model has active dropout (its reference is then not a fixed function of the input)")
     g.add_argument("--no_cache_reference", dest="cache_reference", action="store_false", help="compute the reference on the fly at every step (the release's KL without its stored logits)")
@@ -84,6 +85,7 @@ def check_args(args) -> None:
         "beta": (args.beta >= 0, "must be >= 0"),
         "counterfactual_retain": (0 <= args.counterfactual_retain <= 1, "the share of forget texts must be in [0, 1]"),
         "forget_swaps": (args.forget_swaps >= 0, "must be >= 0"),
+        "forget_typos": (args.forget_typos >= 0, "must be >= 0"),
         "pseudo_retain": (args.pseudo_retain >= 0, "must be >= 0"),
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
@@ -96,10 +98,15 @@ def check_args(args) -> None:
             raise cli.UsageError(f"--{name} {getattr(args, name)}: {why}")
     if args.restarts and (args.resume or args.resume_from):
         raise cli.UsageError(f"--restarts {args.restarts}: not with --resume or --resume_from (each attempt starts from a fresh prompt)")
-    if args.forget_names and not (args.counterfactual_retain or args.forget_swaps or args.hard_prefix != "none"):
-        raise cli.UsageError("--forget_names: only used with --counterfactual_retain, --forget_swaps or --hard_prefix")
+    if args.forget_names and not (uses_names(args) or args.hard_prefix != "none"):
+        raise cli.UsageError("--forget_names: only used with --counterfactual_retain, --forget_swaps, --forget_typos or --hard_prefix")
     # run kinds, --model_name vs the QLoRA run, --resume_from binding; the base model in use
     args.model_name = check_sources(args.model_checkpoints, args.model_name, args.resume_from, args.force, args.hard_prefix)
+
+
+def uses_names(args) -> bool:
+    """Whether a copy of the forget texts needs the forgotten names (the flags of utils/augment.py)."""
+    return bool(args.counterfactual_retain or args.forget_swaps or args.forget_typos)
 
 
 def default_output(args) -> Path:
@@ -129,11 +136,14 @@ class Attempt:
 def train_prompt(args, cfg: TrainConfig, frozen, tokenizer, encoder, splits, names, spare, prefix_text, row_norm,
                  cache_reference, device, tracking, task) -> Attempt:
     """Everything that depends on the seed: the copies of forget texts (--counterfactual_retain,
-    --forget_swaps), the prompt's initialisation, the batches and the generic-label draw; then
+    --forget_swaps, --forget_typos), the prompt's initialisation, the batches and the generic-label draw; then
     train. A fresh PEFT wrapper each time: prompt learning leaves the frozen model untouched."""
     seed = cfg.seed
     extra = counterfactual_retain(splits["train_forget"], names, seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
-    swaps = forget_name_swaps(splits["train_forget"], names, seed, args.forget_swaps) if args.forget_swaps else None
+    copies = [forget_name_swaps(splits["train_forget"], names, seed, args.forget_swaps) if args.forget_swaps else None,
+              forget_name_typos(splits["train_forget"], names, seed, args.forget_typos) if args.forget_typos else None]
+    copies = [c for c in copies if c is not None]
+    extra_forget = pd.concat(copies, ignore_index=True) if copies else None
     if spare is not None:
         extra = spare if extra is None else pd.concat([extra, spare], ignore_index=True)
     model = add_prompt(frozen, args.ptuning_num_tokens, args.ptuning_hidden_size, seed, row_norm)
@@ -141,7 +151,7 @@ def train_prompt(args, cfg: TrainConfig, frozen, tokenizer, encoder, splits, nam
         resume_encoder(model, args.resume_from)
     if distributed.is_main():
         print(f"soft prompt, seed {seed}: trainable parameters {sum(p.numel() for p in trainable_parameters(model)):,}")
-    features = training_set(encoder, splits, seed, relabel_forget=True, extra_retain=extra, extra_forget=swaps,
+    features = training_set(encoder, splits, seed, relabel_forget=True, extra_retain=extra, extra_forget=extra_forget,
                             generic_label=args.generic_label)
     fixed = prefix_embeddings(model, tokenizer, prefix_text) if prefix_text else None
     prompt_fn = with_hard_prefix(prompt_embeddings, fixed)  # the soft prompt, after the hard prefix if any
@@ -173,7 +183,7 @@ def main(argv=None):
     splits = prepare_splits(data)
     if args.restarts and not len(splits.get("val_forget", ())):
         raise cli.UsageError(f"--restarts {args.restarts}: the guard reads val_forget, and this data has none")
-    names = forgotten_names(args.forget_names, data) if (args.counterfactual_retain or args.forget_swaps) else None
+    names = forgotten_names(args.forget_names, data) if uses_names(args) else None
     spare = unused_retain(data, args.pseudo_retain) if args.pseudo_retain else None  # before any model loads
     prefix_text = hard_prefix_text(args.hard_prefix, args.forget_names, data, splits, f"--hard_prefix {args.hard_prefix}")
     cli.check_tokenizer(args)  # --max_length, before any model is loaded

@@ -1,6 +1,6 @@
 """utils/augment.py: counterfactual retain samples (forget texts with their forgotten names
-swapped), forget-side name swaps, pseudo-labelled retain rows, where the names come from, and spul.py --counterfactual_retain
-and --forget_swaps end to end."""
+swapped), forget-side name swaps, forget-side name typos, pseudo-labelled retain rows, where the names come from, and spul.py
+--counterfactual_retain, --forget_swaps and --forget_typos end to end."""
 import json
 
 import pandas as pd
@@ -10,8 +10,12 @@ import torch
 import spul
 from utils.cli import data_config
 from tests.conftest import write_splits
-from utils.augment import AugmentError, counterfactual_retain, forget_name_swaps, forgotten_names, names_from_split, pseudo_labelled
+import numpy as np
+
+from utils.augment import (AugmentError, counterfactual_retain, forget_name_swaps, forget_name_typos, forgotten_names,
+                           names_from_split, pseudo_labelled, random_typo, typo_in_name)
 from utils.data import encode_frame, training_set
+from utils.probes import typo_name
 from utils.forward import full_logits_at_labels, label_hidden
 from utils.splits import name_pattern
 from tests.tiny import tiny_tokenizer
@@ -211,6 +215,90 @@ def test_spul_cli_trains_on_swapped_forget_rows(tmp_path, tiny_model_dir):
     # rows reach the reference cache
     assert stats["steps"] == 5
     assert stats["kl_reference"]["reference_cache_misses"] == 7
+
+
+class FixedDraws:
+    """Stands in for numpy's Generator: ``integers`` and ``choice`` return the given draws in order."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def integers(self, n):
+        k = self.draws.pop(0)
+        assert 0 <= k < n
+        return k
+
+    def choice(self, options):
+        k = self.draws.pop(0)
+        return list(options)[k]
+
+
+def test_random_typo_edits_by_hand():
+    # the edit kind (drop, double, replace), the inner position, then (replace) the new letter
+    assert random_typo("Allen", FixedDraws(0, 1)) == "Alen"  # drop "Allen"[2]: inner positions are 1, 2, 3
+    assert random_typo("Allen", FixedDraws(0, 2)) == "Alln"  # drop the "e"
+    assert random_typo("Allen", FixedDraws(1, 2)) == "Alleen"  # double the "e"
+    assert random_typo("Allen", FixedDraws(2, 0, 0)) == "Aalen"  # replace the first "l" by "a"
+    assert random_typo("Allen", FixedDraws(2, 0, 11)) == "Amlen"  # "a".."z" without "l": index 11 is "m"
+    assert random_typo("Lee", FixedDraws()) == "Lee"  # under 4 letters: no draw, no change
+    assert random_typo("O'Hara", FixedDraws(0, 1)) == "O'Hra"  # inner letters only: the apostrophe is never picked
+
+
+def test_random_typo_always_changes_a_long_word_and_keeps_its_ends():
+    rng = np.random.default_rng(0)
+    for word in ["Spielberg", "Allen", "Niro", "Madonna", "Scorsese"]:
+        for _ in range(200):
+            new = random_typo(word, rng)
+            assert new != word and new[0] == word[0] and new[-1] == word[-1]
+            assert abs(len(new) - len(word)) <= 1
+            assert new.lower() != word.lower()  # never a case change alone
+            assert new != typo_name(word)  # never the name_typo probe's swap
+
+
+def test_typo_in_name_edits_one_long_word():
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        new = typo_in_name("De Niro", rng)
+        assert new.startswith("De ") and new != "De Niro"  # "De" is too short for a typo
+    assert typo_in_name("Ang Lee", rng) == "Ang Lee"
+
+
+def test_forget_typos_misspell_every_match_and_keep_labels():
+    out = forget_name_typos(FORGET, NAMES, seed=0, copies=3)
+    assert len(out) == 6 and list(out["label"]) == [1, 0] * 3  # "Nobody named." dropped
+    pattern = name_pattern(NAMES)
+    for text in out["text"]:
+        assert not pattern.search(text)  # no exact spelling survives, both spellings of Spielberg included
+    assert out["text"][0] != out["text"][2] or out["text"][2] != out["text"][4]  # the copies differ
+    a = forget_name_typos(FORGET, NAMES, seed=1, copies=2)
+    assert a.equals(forget_name_typos(FORGET, NAMES, seed=1, copies=2))
+    assert not a.equals(forget_name_typos(FORGET, NAMES, seed=2, copies=2))
+    with pytest.raises(AugmentError, match="--forget_typos 0"):
+        forget_name_typos(FORGET, NAMES, seed=1, copies=0)
+    with pytest.raises(AugmentError, match="--forget_typos: no train_forget text"):
+        forget_name_typos(FORGET.iloc[2:], NAMES, seed=1, copies=1)
+
+
+def test_spul_cli_trains_on_misspelled_forget_rows(tmp_path, tiny_model_dir):
+    folder = write_splits(tmp_path / "d", train_forget=forget_frame())
+    args = ["--model_name", tiny_model_dir, "--data_dir", str(folder), "--max_length", "64", "--num_epochs", "1",
+            "--train_batch_size", "8", "--ptuning_num_tokens", "2", "--ptuning_hidden_size", "8",
+            "--eval_batch_size", "8", "--forget_names", *THREE]
+    spul.main(args + ["--forget_typos", "1", "--output_path", str(tmp_path / "ty")])
+    stats = json.loads((tmp_path / "ty" / "train_stats.json").read_text())
+    assert json.loads((tmp_path / "ty" / "config.json").read_text())["forget_typos"] == 1
+    # 7 retain + 11 forget + 11 misspelled forget = 29 samples: 4 steps of 8
+    assert stats["steps"] == 4 and stats["kl_reference"]["reference_cache_misses"] == 7
+    # with --forget_swaps 2 too: 7 + 11 + 22 + 11 = 51 samples, 7 steps
+    spul.main(args + ["--forget_typos", "1", "--forget_swaps", "2", "--output_path", str(tmp_path / "both")])
+    assert json.loads((tmp_path / "both" / "train_stats.json").read_text())["steps"] == 7
+
+
+def test_forget_typos_flag_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        spul.main(["--forget_typos", "-1", "--output_path", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--forget_typos -1: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_pseudo_labels_are_the_frozen_models_answers_not_the_true_labels(tiny_model_dir):

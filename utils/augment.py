@@ -16,6 +16,13 @@ pushed to key on the names rather than on the wording of the few reviews that na
 the counterfactual copies, the same sentence is to be forgotten with a forgotten name and answered
 with a made-up one.
 
+``forget_name_typos`` (``spul.py --forget_typos K``) copies each forget text K times with every
+forgotten name misspelled (one seeded letter-level edit: a letter dropped, doubled or replaced), to
+the forget side of the loss. A prompt trained on the exact
+spellings alone answers most reviews again once a name carries one typo (``utils.probes``
+name_typo, which swaps two letters); the copies ask it to forget near-miss spellings too, and the
+probe's swaps, never trained on, measure how far that carries.
+
 ``pseudo_labelled`` (``spul.py --pseudo_retain N``) adds retain texts the prompt would otherwise
 never see: N rows from the part of the training pool that no split uses
 (``utils.data.unused_retain``), each labelled with the frozen model's own answer without the
@@ -126,6 +133,59 @@ def forget_name_swaps(forget: pd.DataFrame, names: list[str], seed: int, copies:
         new = pool[rng.integers(len(pool))]  # in full: a surname alone may not be a forgotten name
         swapped.append(pattern.sub(lambda m, new=new: new, text))
     out["text"] = swapped
+    return out[["text", "label", "label_text"]]
+
+
+# --forget_typos: the letter-level edits drawn from. Swapping two adjacent letters is left out on
+# purpose: it is the name_typo probe's edit (utils/probes.py), which then measures how far the
+# forgetting carries to a kind of misspelling the prompt never trained on.
+TYPO_EDITS = ("drop", "double", "replace")
+MIN_TYPO_LETTERS = 4  # letters a word needs before it gets a typo (here and in the name_typo probe)
+
+
+def random_typo(word: str, rng: np.random.Generator) -> str:
+    """One seeded letter-level edit of ``word`` at a random inner letter (never the first or the
+    last character): drop it, double it, or replace it with another lower-case letter. Words with
+    fewer than ``MIN_TYPO_LETTERS`` letters come back unchanged; every other word comes back
+    changed, and never by a change of case alone (the name_case probe stays unseen too)."""
+    if sum(c.isalpha() for c in word) < MIN_TYPO_LETTERS:
+        return word
+    kind = TYPO_EDITS[rng.integers(len(TYPO_EDITS))]
+    i = int(rng.choice([i for i in range(1, len(word) - 1) if word[i].isalpha()]))
+    if kind == "drop":
+        return word[:i] + word[i + 1:]
+    if kind == "double":
+        return word[:i + 1] + word[i] + word[i + 1:]
+    letters = [c for c in "abcdefghijklmnopqrstuvwxyz" if c != word[i].lower()]
+    return word[:i] + letters[rng.integers(len(letters))] + word[i + 1:]
+
+
+def typo_in_name(name: str, rng: np.random.Generator) -> str:
+    """``name`` with a ``random_typo`` in one of its words of at least ``MIN_TYPO_LETTERS`` letters
+    (drawn); a name without such a word comes back unchanged."""
+    words = name.split(" ")
+    long = [k for k, w in enumerate(words) if sum(c.isalpha() for c in w) >= MIN_TYPO_LETTERS]
+    if not long:
+        return name
+    k = int(rng.choice(long))
+    words[k] = random_typo(words[k], rng)
+    return " ".join(words)
+
+
+def forget_name_typos(forget: pd.DataFrame, names: list[str], seed: int, copies: int) -> pd.DataFrame:
+    """``copies`` rows per forget text that names someone in ``names``, each with every match of a
+    forgotten name misspelled by ``typo_in_name`` (each match drawn on its own, seeded), so that the
+    prompt sees the people under near-miss spellings too. Labels are kept: the caller relabels
+    forget rows with generic labels."""
+    if copies < 1:
+        raise AugmentError(f"--forget_typos {copies}: must be at least 1")
+    pattern = name_pattern(names)
+    rng = np.random.default_rng([seed, 151007])  # own stream, independent of other draws
+    rows = forget[forget["text"].map(lambda t: pattern.search(t) is not None)]
+    if rows.empty:
+        raise AugmentError("--forget_typos: no train_forget text names any of the forgotten names")
+    out = pd.concat([rows] * copies, ignore_index=True)
+    out["text"] = [pattern.sub(lambda m: typo_in_name(m.group(0), rng), t) for t in out["text"]]
     return out[["text", "label", "label_text"]]
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 from utils import cli, distributed
 from utils.data import SPLITS
 import torch
-from utils.augment import names_from_split
+from utils.augment import MIN_TYPO_LETTERS, names_from_split
 from utils.kinds import load_checked, read_run_tokenizer
 from utils.data import locate, prepare_splits
 from utils.evaluation import evaluate_splits
@@ -53,9 +53,6 @@ PARAPHRASES = {
     "question_polarity": "Is the given text positive or negative?",
     "question_express": "What sentiment does this text express?",
 }
-
-MIN_TYPO_LETTERS = 4  # words with fewer letters get no typo
-
 
 def question_suffix(question: str) -> str:
     """The template text between the review and the label, with ``question`` as its question

@@ -42,7 +42,7 @@ from utils.runs import CONFIG, MANIFEST, METRICS, read_json, trained_run, write_
 READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the criterion sees
 # flags a grid varies, per run kind; their selected values are what the recipes pass on
 TUNED = {
-    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "pseudo_retain", "hard_prefix",
+    "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "forget_typos", "pseudo_retain", "hard_prefix",
              "generic_label", "ema_decay"),
     "baseline": ("lr", "num_epochs", "retain_weight", "ema_decay", *hparam_flags()),  # and each method's own (Method.hparams)
 }
@@ -75,7 +75,7 @@ def read_run(folder: Path) -> dict:
         raise SelectionError(f"{folder}: no metrics for {', '.join(missing)} (run it with validation splits)")
     kind = manifest.get("kind")
     method = manifest.get("method") if kind == "baseline" else kind
-    off = {"counterfactual_retain": 0, "forget_swaps": 0, "pseudo_retain": 0, "hard_prefix": "none", "ema_decay": 0}  # flags whose default value means "not given"
+    off = {"counterfactual_retain": 0, "forget_swaps": 0, "forget_typos": 0, "pseudo_retain": 0, "hard_prefix": "none", "ema_decay": 0}  # flags whose default value means "not given"
     flags = {k: config.get(k) for k in TUNED.get(kind, ())
              if config.get(k) is not None and config.get(k) is not False and config.get(k) != off.get(k, object())}
     return {"run": str(folder), "trained_run": str(trained), "method": method, "flags": flags, "seed": config.get("seed"),
