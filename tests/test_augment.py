@@ -111,7 +111,7 @@ def test_spul_cli_trains_on_counterfactual_rows(tmp_path, tiny_model_dir, capsys
     with pytest.raises(SystemExit) as e:  # no manifest and no --forget_names: one line, nothing written
         spul.main(args + ["--counterfactual_retain", "--output_path", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: --counterfactual_retain") and "\n" not in err
+    assert e.value.code == 2 and err.startswith("error: --forget_names: the split does not record") and "\n" not in err
     assert not (tmp_path / "bad").exists()
 
     spul.main(args + ["--counterfactual_retain", "--forget_names", "Woody Allen", "Spielberg", "Godard",

@@ -197,7 +197,7 @@ def forgotten_names(forget_names, data) -> list[str]:
     names = names_from_split(locate(data.dataset, data.data_dir, data.data_root))
     if not names:
         raise AugmentError(
-            "--counterfactual_retain: the split does not record its forgotten names "
+            "--forget_names: the split does not record its forgotten names "
             "(not built by the entities recipe); pass them with --forget_names"
         )
     return names

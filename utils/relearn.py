@@ -204,10 +204,7 @@ def resolve_names(args) -> list[str]:
     try:
         names = forgotten_names(args.forget_names, cli.data_config(args))
     except AugmentError as e:
-        raise cli.UsageError(
-            "--forget_names: the split does not record its forgotten names (not built by the entities "
-            "recipe); pass them with --forget_names"
-        ) from e
+        raise cli.UsageError(str(e)) from e
     names = clean_names(names)
     if not names:
         raise cli.UsageError("--forget_names: no names given")
