@@ -172,17 +172,21 @@ def test_forget_swaps_use_another_forgotten_name_in_full():
         assert text in ("A dull Woody Allen film; Woody Allen's worst.", "A dull Godard film; Godard's worst.")
 
 
-def test_forget_swaps_seeded_and_checked():
+@pytest.mark.parametrize("copy_fn, flag", [(forget_name_swaps, "--forget_swaps"), (forget_name_typos, "--forget_typos")])
+def test_forget_copies_seeded_and_checked(copy_fn, flag):
     many = pd.concat([FORGET.iloc[:2]] * 20, ignore_index=True)
-    a = forget_name_swaps(many, THREE, seed=1, copies=1)
-    assert a.equals(forget_name_swaps(many, THREE, seed=1, copies=1))
-    assert not a.equals(forget_name_swaps(many, THREE, seed=2, copies=1))
-    with pytest.raises(AugmentError, match="--forget_swaps 0"):
-        forget_name_swaps(many, THREE, seed=1, copies=0)
+    a = copy_fn(many, THREE, seed=1, copies=1)
+    assert a.equals(copy_fn(many, THREE, seed=1, copies=1))
+    assert not a.equals(copy_fn(many, THREE, seed=2, copies=1))
+    with pytest.raises(AugmentError, match=f"{flag} 0: must be at least 1"):
+        copy_fn(many, THREE, seed=1, copies=0)
+    with pytest.raises(AugmentError, match=f"{flag}: no train_forget text"):
+        copy_fn(FORGET.iloc[2:], THREE, seed=1, copies=1)
+
+
+def test_forget_swaps_need_two_names():
     with pytest.raises(AugmentError, match="two forgotten names"):
-        forget_name_swaps(many, ["Spielberg"], seed=1, copies=1)
-    with pytest.raises(AugmentError, match="--forget_swaps"):
-        forget_name_swaps(FORGET.iloc[2:], THREE, seed=1, copies=1)
+        forget_name_swaps(FORGET, ["Spielberg"], seed=1, copies=1)
 
 
 def test_training_set_puts_swapped_rows_on_the_forget_side_without_moving_the_forget_draw():
@@ -270,13 +274,6 @@ def test_forget_typos_misspell_every_match_and_keep_labels():
     for text in out["text"]:
         assert not pattern.search(text)  # no exact spelling survives, both spellings of Spielberg included
     assert out["text"][0] != out["text"][2] or out["text"][2] != out["text"][4]  # the copies differ
-    a = forget_name_typos(FORGET, NAMES, seed=1, copies=2)
-    assert a.equals(forget_name_typos(FORGET, NAMES, seed=1, copies=2))
-    assert not a.equals(forget_name_typos(FORGET, NAMES, seed=2, copies=2))
-    with pytest.raises(AugmentError, match="--forget_typos 0"):
-        forget_name_typos(FORGET, NAMES, seed=1, copies=0)
-    with pytest.raises(AugmentError, match="--forget_typos: no train_forget text"):
-        forget_name_typos(FORGET.iloc[2:], NAMES, seed=1, copies=1)
 
 
 def test_spul_cli_trains_on_misspelled_forget_rows(tmp_path, tiny_model_dir):
