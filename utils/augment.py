@@ -18,10 +18,10 @@ with a made-up one.
 
 ``forget_name_typos`` (``spul.py --forget_typos K``) copies each forget text K times with every
 forgotten name misspelled (one seeded letter-level edit: a letter dropped, doubled or replaced), to
-the forget side of the loss. A prompt trained on the exact
-spellings alone answers most reviews again once a name carries one typo (``utils.probes``
-name_typo, which swaps two letters); the copies ask it to forget near-miss spellings too, and the
-probe's swaps, never trained on, measure how far that carries.
+the forget side of the loss. A prompt trained on the exact spellings alone answers most reviews
+again once a name carries one typo (``utils.probes`` name_typo, which swaps two letters); the
+copies ask it to forget near-miss spellings too, and the probe's swaps, never trained on, measure
+how far that carries.
 
 ``pseudo_labelled`` (``spul.py --pseudo_retain N``) adds retain texts the prompt would otherwise
 never see: N rows from the part of the training pool that no split uses
