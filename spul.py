@@ -140,9 +140,11 @@ def train_prompt(args, cfg: TrainConfig, frozen, tokenizer, encoder, splits, nam
     train. A fresh PEFT wrapper each time: prompt learning leaves the frozen model untouched."""
     seed = cfg.seed
     extra = counterfactual_retain(splits["train_forget"], names, seed, share=args.counterfactual_retain) if args.counterfactual_retain else None
-    copies = [forget_name_swaps(splits["train_forget"], names, seed, args.forget_swaps) if args.forget_swaps else None,
-              forget_name_typos(splits["train_forget"], names, seed, args.forget_typos) if args.forget_typos else None]
-    copies = [c for c in copies if c is not None]
+    copies = []  # forget-side copies of the forget texts
+    if args.forget_swaps:
+        copies.append(forget_name_swaps(splits["train_forget"], names, seed, args.forget_swaps))
+    if args.forget_typos:
+        copies.append(forget_name_typos(splits["train_forget"], names, seed, args.forget_typos))
     extra_forget = pd.concat(copies, ignore_index=True) if copies else None
     if spare is not None:
         extra = spare if extra is None else pd.concat([extra, spare], ignore_index=True)
