@@ -13,7 +13,7 @@ import qlora
 import spul
 from tests.conftest import write_splits
 from utils import relearn
-from utils.relearn import attack_partition, choose_names, epochs_for, mentions
+from utils.relearn import attack_partition, choose_names, epochs_for, mentions, retain_attack_rows
 
 PEOPLE = ["Woody Allen", "Spielberg", "Godard"]
 
@@ -62,6 +62,20 @@ def test_attack_rows_name_a_chosen_entity_and_held_out_rows_none(chosen):
     if "Spielberg" in chosen:
         assert "A Godard film, and Spielberg liked it" in set(sets["attack"]["text"])
     assert {"label", "text"} <= set(sets["attack"].columns)
+
+
+def test_the_control_draws_retain_rows_naming_nobody_seeded_and_in_order():
+    df = hand_frame()  # rows 4 and 5 name none of PEOPLE ("Godardian" is not a whole-word Godard)
+    for seed in range(10):
+        rows = retain_attack_rows(df, 2, PEOPLE, seed)
+        assert rows["text"].tolist() == df["text"].iloc[[4, 5]].tolist()  # the only two, in split order
+        assert rows["label"].tolist() == [0, 1]  # true labels kept
+    one = {tuple(retain_attack_rows(df, 1, PEOPLE, seed)["text"]) for seed in range(20)}
+    assert one == {(df["text"][4],), (df["text"][5],)}  # the seed decides which
+    assert retain_attack_rows(df, 1, PEOPLE, 3).equals(retain_attack_rows(df, 1, PEOPLE, 3))
+    assert len(retain_attack_rows(df, 4, ["Spielberg"], 0)) == 4  # 5 rows name no Spielberg
+    with pytest.raises(ValueError, match="2 rows naming none"):
+        retain_attack_rows(df, 3, PEOPLE, 0)
 
 
 def test_the_choice_is_seeded_at_least_one_and_in_order():
@@ -141,6 +155,8 @@ def refused(capsys, argv):
     (["--eval_splits", "test_forget"], "--eval_splits"),
     (["--forget_names", "Ann Other"], "--forget_names"),  # mentioned by no forget text
     (["--attack_share", "1"], "--attack_share"),  # every train_forget row names a chosen person
+    (["--attack_share", "0.34", "--attack_data", "retain", "--max_train_retain", "3"], "--attack_data"),  # 3 rows, 4 needed
+    (["--attack_data", "both"], "--attack_data"),
 ])
 def test_bad_flags_are_refused_before_any_model(tmp_path, capsys, no_model, data_args, extra, flag):
     argv = [str(tmp_path / "no_run"), "--output_path", str(tmp_path / "out"), "--forget_names", *PEOPLE] + data_args + extra
@@ -301,4 +317,34 @@ def test_the_run_folders_are_untouched(attacked, runs):
     for name, digest in attacked["before"].items():
         assert tree_digest(runs / name) == digest
     assert sorted(p.name for p in runs.iterdir()) == sorted(attacked["listing"] + ["attack"])  # no temporary left
-    assert attacked["seconds"] < 60
+
+
+def test_the_control_trains_on_retain_rows_and_is_measured_on_the_same_rows(attacked, runs, data_args, tmp_path):
+    """--attack_data retain: as many train_retain rows (true labels, naming nobody) as the forget
+    attack had, and the held-out rows of the forget attack, so its step 0 is the same figure."""
+    trained = []
+    real_train = relearn.train
+
+    def train_spy(model, params, loss_fn, features, cfg, *a, **k):
+        trained.append([f["input_ids"] for f in features])
+        return real_train(model, params, loss_fn, features, cfg, *a, **k)
+
+    out = tmp_path / "control"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(relearn, "train", train_spy)
+        relearn.main([str(runs / "qlora"), "--forget_names", *PEOPLE, "--attack_share", "0.34", "--attack_data", "retain",
+                      "--steps", "1", "3", "--train_batch_size", "2", "--lr", "1e-2", "--output_path", str(out)] + data_args)
+    control = json.loads((out / "relearn.json").read_text())
+    forget = json.loads((attacked["out"] / "relearn.json").read_text())
+    assert control["config"]["attack_data"] == "retain" and forget["config"]["attack_data"] == "forget"
+    assert control["rows"] == forget["rows"] and control["names"]["chosen"] == forget["names"]["chosen"]
+    assert control["runs"]["qlora"]["metrics"]["0"] == forget["runs"]["qlora"]["metrics"]["0"]  # same rows, same model
+    from utils.models import load_tokenizer
+    from utils.template import Encoder
+
+    encoder = Encoder(load_tokenizer(runs / "qlora" / "tokenizer"), 64)
+    retain = pd.read_csv(Path(data_args[1]) / "train_retain.csv")
+    want = retain_attack_rows(retain, 4, PEOPLE, 42)  # relearn's default --seed
+    assert trained == [[encoder.encode(t, "positive" if l else "negative")[0] for t, l in zip(want["text"], want["label"])]]
+    assert all(t.startswith("train_retain review") for t in want["text"])
+    assert "4 train_retain rows naming none of the forgotten people" in (out / "relearn.md").read_text()

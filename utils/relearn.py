@@ -11,8 +11,14 @@ per name: whole words, case-insensitive). A seeded share (``--attack_share``, at
 the names mentioned in train_forget is chosen. The *attack set* is the train_forget rows that
 mention at least one chosen name; the *held-out* sets are the train_forget rows and the
 test_forget rows that mention none of them ("held-out train forget", "held-out test forget"),
-plus test_retain (utility). ``attack_partition`` computes them; it is the only place that
-decides which rows are trained on.
+plus test_retain (utility). ``attack_partition`` computes them.
+
+The control (``--attack_data retain``). The same number of rows, with their true labels, drawn
+(seeded) from train_retain among the rows that name none of the forgotten people
+(``retain_attack_rows``); the held-out sets are the forget attack's, row for row. It asks
+whether *any* fine-tuning of the weights undoes the forgetting, or only fine-tuning on the
+forgotten people's texts. ``plan_attack`` is the only place that decides which rows are
+trained on.
 
 The attack, per RUN. The run is loaded (``utils.binding.load_checked``), every parameter it has
 is frozen, and a fresh LoRA adapter (peft) is put on the attention and MLP linear layers of the
@@ -68,6 +74,7 @@ from utils.template import Encoder
 from utils.training import TrainConfig, seed_everything, train
 
 HELDOUT = ("heldout_train_forget", "heldout_test_forget", "test_retain")
+ATTACK_DATA = ("forget", "retain")  # --attack_data: the forget rows of the chosen names, or the control
 TITLES = {
     "heldout_train_forget": "held-out train forget",
     "heldout_test_forget": "held-out test forget",
@@ -118,6 +125,17 @@ def attack_partition(train_forget: pd.DataFrame, test_forget: pd.DataFrame, chos
     }
 
 
+def retain_attack_rows(train_retain: pd.DataFrame, n: int, names, seed: int) -> pd.DataFrame:
+    """The control's attack set: a seeded draw of ``n`` train_retain rows that mention none of
+    ``names``, in split order. ValueError when fewer such rows exist."""
+    pool = train_retain[~mentions(train_retain, names)]
+    if len(pool) < n:
+        raise ValueError(f"train_retain has {len(pool)} rows naming none of the forgotten people, the attack needs {n}")
+    rng = np.random.default_rng([seed, 7368788])  # own stream, independent of choose_names'
+    picked = np.sort(rng.choice(len(pool), n, replace=False))
+    return pool.iloc[picked].reset_index(drop=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line and the checks that need no model
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +155,10 @@ def build_parser():
                    help="evaluation points (optimiser steps, positive, increasing); the attack trains to the largest and is evaluated at 0 and at each of them")
     g.add_argument("--attack_share", type=float, default=0.25,
                    help="share in (0, 1] of the forgotten names mentioned in train_forget (seeded by --seed, at least one) whose train_forget rows the attacker trains on")
+    g.add_argument("--attack_data", default="forget", choices=ATTACK_DATA,
+                   help="forget (default): train on the chosen names' train_forget rows; retain: the control, as many "
+                        "train_retain rows naming none of the forgotten people (seeded), true labels, measured on the same "
+                        "held-out rows: does any fine-tuning undo the forgetting, or only relearning the people?")
     g.add_argument("--forget_names", nargs="+", default=None, metavar="NAME",
                    help="the forgotten names (default: those recorded by an entities-recipe split folder, e.g. the embedded rt)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the attack (AdamW, cosine schedule with linear warmup)")
@@ -234,6 +256,11 @@ def plan_attack(args, splits) -> dict:
                 f"--attack_share {args.attack_share}: every {split} row mentions a chosen name ({shown}); "
                 f"no held-out {split} rows remain (lower --attack_share or pass other --forget_names)"
             )
+    if args.attack_data == "retain":  # the control: same count, same held-out rows
+        try:
+            sets["attack"] = retain_attack_rows(splits["train_retain"], len(sets["attack"]), names, args.seed)
+        except ValueError as e:
+            raise cli.UsageError(f"--attack_data retain: {e}") from e
     sets["test_retain"] = splits["test_retain"]
     return {
         "names": names,
@@ -373,12 +400,22 @@ def attack_run(args, run, device, sets) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def attack_description(attack_data: str, rows: int, chosen) -> str:
+    """What the attack trained on, in words (the log's, the table's and the plot's title)."""
+    if attack_data == "retain":
+        return (f"{rows} train_retain rows naming none of the forgotten people (the control; its held-out rows are "
+                f"those of the attack on {', '.join(chosen)})")
+    return f"{rows} train_forget rows naming {', '.join(chosen)}"
+
+
+def described(result: dict) -> str:
+    return attack_description(result["config"]["attack_data"], result["rows"]["attack"], result["names"]["chosen"])
+
+
 def markdown(result: dict) -> str:
-    plan = result["names"]
     lines = [
         f"Relearning attack: LoRA r={result['config']['lora_r']}, lr={result['config']['lr']:g}, "
-        f"trained on {result['rows']['attack']} train_forget rows naming {', '.join(plan['chosen'])}; "
-        f"accuracy (%) on rows naming none of them.",
+        f"trained on {described(result)}; accuracy (%) on the forget rows naming none of the chosen people, and on test retain.",
         "",
         "| run | step | " + " | ".join(f"{TITLES[k]} ACC" for k in HELDOUT) + " |",
         "|---" * (len(HELDOUT) + 2) + "|",
@@ -407,7 +444,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)  (higher: more relearned)")
     axes[0].legend()
-    fig.suptitle(f"Relearning on {', '.join(result['names']['chosen'])}")
+    fig.suptitle(f"Fine-tuned on {described(result)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -425,7 +462,7 @@ def main(argv=None):
     manifests = check_runs(args)  # before any model is loaded
     warn_other_data(args, manifests, splits)
     sets = plan.pop("sets")
-    print(f"attack: {len(sets['attack'])} train_forget rows naming {', '.join(plan['chosen'])}; held-out: "
+    print(f"attack: {attack_description(args.attack_data, len(sets['attack']), plan['chosen'])}; held-out: "
           + ", ".join(f"{TITLES[k]} {len(sets[k])}" for k in HELDOUT))
 
     device = select_device()
