@@ -358,7 +358,7 @@ def attack_run(args, run, device, sets) -> dict:
         return evaluate_splits(model, encoder, held, args.eval_batch_size, device, prompt=prompt, split_names=list(HELDOUT),
                               input_filter=loaded.input_filter)
 
-    features = encode_frame(encoder, sets["attack"], is_forget=True)
+    features = encode_frame(encoder, sets["attack"], is_forget=args.attack_data == "forget")  # true labels either way
     total = max(args.steps)
     cfg = TrainConfig(args.lr, epochs_for(total, len(features), args.train_batch_size), args.train_batch_size,
                       warmup_ratio=args.warmup_ratio, seed=args.seed)
