@@ -70,10 +70,14 @@ def test_table2_runs_every_method_and_seed():
 def test_audit_attacks_spul_the_chosen_baseline_and_the_oracle():
     cmds = dry_run("audit.sh", AUDIT_BASELINE="runs/main/npo-s42")
     parsed = [parse(c) for c in cmds]
-    assert [t for t, _ in parsed] == ["utils.relearn", "utils.probes"]
-    relearn, probes = parsed[0][1], parsed[1][1]
+    assert [t for t, _ in parsed] == ["utils.relearn", "utils.relearn", "utils.probes"]
+    relearn, control, probes = (a for _, a in parsed)
     assert relearn.runs == ["runs/main/spul-s42", "runs/main/npo-s42", "runs/main/retrain-s42"]
     assert relearn.steps == [10, 25, 50] and relearn.lr == 1e-3 and relearn.max_test_retain == 128
+    assert relearn.attack_data == "forget" and control.attack_data == "retain"  # the control: the same attack otherwise
+    assert {k: v for k, v in vars(control).items() if k not in ("attack_data", "output_path")} == \
+        {k: v for k, v in vars(relearn).items() if k not in ("attack_data", "output_path")}
+    assert control.output_path != relearn.output_path
     assert probes.runs == ["runs/main/spul-s42", "runs/main/npo-s42"]
 
 
