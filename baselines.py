@@ -30,6 +30,7 @@ from utils.baselines import (
 )
 from utils.kinds import load_run
 from utils.loading import load_pretrained
+from utils.augment import counterfactual_retain, forgotten_names
 from utils.data import prepare_splits, split_fingerprint, training_set
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings, save_prefix
@@ -64,6 +65,7 @@ def build_parser():
     for flag, (spec, users) in hparam_flags().items():  # each method's own hyperparameters (Method.hparams)
         g.add_argument(f"--{flag}", type=float, default=None,
                        help=f"{', '.join(users)}: {spec.help} (default {spec.default:g})")
+    cli.add_forget_target_args(g, "the model")  # --generic_label (methods with generic labels), --counterfactual_retain (with a retain set)
     g.add_argument("--kl_topk", type=int, default=64,
                    help="GA+KL under full fine-tuning: the cached reference keeps the top-k log-probs per "
                         "label position plus the tail mass (KL between the (k+1)-cell distributions, a lower "
@@ -126,7 +128,15 @@ def check_args(args) -> float:
         raise cli.UsageError(f"--kl_topk {args.kl_topk}: must be >= 0")
     if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1:
         raise cli.UsageError("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
+    if args.generic_label is not None and not method.relabel_forget:
+        users = ", ".join(n for n, m in METHODS.items() if m.relabel_forget)
+        raise cli.UsageError(f"--generic_label: only used with --unlearn_method {users} (the methods with generic labels)")
+    if args.counterfactual_retain and not method.trains_on_retain(weight):
+        raise cli.UsageError(f"--counterfactual_retain: {args.unlearn_method} trains on no retain set"
+                             + ("" if method.retain_term is None else " at --retain_weight 0"))
     for flag in METHOD_FLAGS:
+        if flag == "forget_names" and args.counterfactual_retain:
+            continue  # the names --counterfactual_retain swaps out
         if getattr(args, flag) is not None and flag not in method.flags:
             users = ", ".join(n for n, m in METHODS.items() if flag in m.flags)
             raise cli.UsageError(f"--{flag}: only used with --unlearn_method {users}")
@@ -277,9 +287,12 @@ def main(argv=None):
     warn_if_oracle(qlora_manifest, args.model_checkpoints)
     seed_everything(args.seed)
     data = cli.data_config(args)
+    cli.check_forget_targets(args, data.task)
     splits = prepare_splits(data)
     if method.training_free:
         return run_training_free(args, data, method, out, qlora_manifest, splits)
+    counterfactual = (counterfactual_retain(splits["train_forget"], forgotten_names(args.forget_names, data), args.seed,
+                                            share=args.counterfactual_retain) if args.counterfactual_retain else None)
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
@@ -287,7 +300,8 @@ def main(argv=None):
     loaded, encoder = load_start(args, data.task, qlora_manifest, splits, device)
     model, tokenizer = loaded.model, loaded.tokenizer
 
-    features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget), weight)
+    features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget,
+                                                    extra_retain=counterfactual, generic_label=args.generic_label), weight)
     weights = method_weights(method, weight, vars(args))
     needs_reference = method.ref_logprob or (method.ref_dist and weight > 0)
     if args.lora:

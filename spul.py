@@ -47,11 +47,7 @@ def build_parser():
     g.add_argument("--prompt_norm", default="free", choices=PROMPT_NORMS, help="free: the paper's P-tuning, the encoder's output as it is; token: each prompt row rescaled to the mean norm of the model's token embeddings (ours: keeps the prompt at the scale the model was trained on, see the README)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
-    g.add_argument("--generic_label", default=None, metavar="WORD",
-                   help="the generic label every forget sample is trained toward, one of the task's (sentiment: neutral, "
-                        "unknown); default: one drawn uniformly per forget sample from --seed (the paper). One label gives "
-                        "L_f a target it can reach (ours; 'unknown' is the label the --hard_prefix instruction asks for)")
-    g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE", help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the forget texts, the text with its forgotten names swapped for made-up names and its true label, so that the prompt learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
+    cli.add_forget_target_args(g, "the prompt")
     g.add_argument("--pseudo_retain", type=int, default=0, metavar="N", help="add N retain texts from the part of the training pool that no split uses (the rows the --max_train_retain cap leaves out; never a validation or test row), each labelled with the frozen model's own answer without the prompt, to the retain side of the loss (L_r and L_kl), so that the prompt is also held to the model's behaviour on reviews outside the training set (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_typos", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with every forgotten name misspelled (one seeded letter-level edit per name: a letter dropped, doubled or replaced; never a swap of two letters, the name_typo probe's edit, nor a case change), to the forget side of the loss with generic labels, so that the prompt also forgets near-miss spellings (ours, utils/augment.py); 0 (default): off")
@@ -83,7 +79,6 @@ def check_args(args) -> None:
         "ptuning_hidden_size": (args.ptuning_hidden_size >= 1, "must be at least 1"),
         "alpha": (args.alpha >= 0, "must be >= 0"),
         "beta": (args.beta >= 0, "must be >= 0"),
-        "counterfactual_retain": (0 <= args.counterfactual_retain <= 1, "the share of forget texts must be in [0, 1]"),
         "forget_swaps": (args.forget_swaps >= 0, "must be >= 0"),
         "forget_typos": (args.forget_typos >= 0, "must be >= 0"),
         "pseudo_retain": (args.pseudo_retain >= 0, "must be >= 0"),
@@ -179,9 +174,7 @@ def main(argv=None):
     check_output(out, args.overwrite)
     seed_everything(args.seed)
     data = cli.data_config(args)
-    if args.generic_label is not None and args.generic_label not in data.task.generic_labels:
-        raise cli.UsageError(f"--generic_label {args.generic_label}: not a generic label of task {data.task.name} "
-                             f"(choose from {', '.join(data.task.generic_labels)})")
+    cli.check_forget_targets(args, data.task)
     splits = prepare_splits(data)
     if args.restarts and not len(splits.get("val_forget", ())):
         raise cli.UsageError(f"--restarts {args.restarts}: the guard reads val_forget, and this data has none")

@@ -4,6 +4,7 @@ adapter-off reference on a tiny model, one tiny end-to-end run per method
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -42,13 +43,14 @@ def _ce(logits, y):
 
 
 def test_registry_lists_the_five_methods_and_their_samples():
-    assert list(METHODS) == ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
+    assert list(METHODS) == ["gradient_ascent", "random_label", "random_label_descent", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
                              "simnpo", "instruction_prompt", "in_context", "name_filter"]  # the last three training-free (tests/test_guardrails.py)
     on_retain = {name: m.trains_on_retain(m.default_weight) for name, m in METHODS.items() if not m.training_free}
-    assert on_retain == {"gradient_ascent": False, "random_label": False, "gradient_ascent_kl": True,
+    assert on_retain == {"gradient_ascent": False, "random_label": False, "random_label_descent": True, "gradient_ascent_kl": True,
                          "gradient_ascent_descent": True, "npo": False, "simnpo": False}
     assert METHODS["npo"].trains_on_retain(0.5)  # NPO+RT
     assert METHODS["random_label"].relabel_forget and not METHODS["gradient_ascent"].relabel_forget
+    assert METHODS["random_label_descent"].relabel_forget and not METHODS["random_label_descent"].trains_on_retain(0)
     assert METHODS["gradient_ascent_kl"].ref_dist and METHODS["npo"].ref_logprob
     assert not any(m.ref_dist or m.ref_logprob for n, m in METHODS.items() if n not in ("gradient_ascent_kl", "npo"))
     feats = [{"is_forget": False}, {"is_forget": True}, {"is_forget": True}]
@@ -71,6 +73,20 @@ def test_random_label_is_ce_toward_the_generic_label_on_forget_only():
     logits = torch.tensor([[[1.0, 0.0, 3.0]], [[0.0, 5.0, 0.0]]])
     loss, _ = METHODS["random_label"].loss(logits, _batch([[2], [0]], [True, False]), RefBatch(), Weights())
     assert loss.item() == pytest.approx(_ce([1, 0, 3], 2))
+
+
+def test_random_label_descent_is_generic_ce_plus_weighted_retain_ce():
+    """SPUL's L_f + alpha L_r on the weights: CE toward the (already relabelled) generic label on
+    the forget rows plus w times the retain rows' CE, each a mean over its own rows."""
+    rows = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]
+    logits = torch.tensor([[r] for r in rows])
+    batch = _batch([[2], [1], [0]], [True, False, False])  # a forget row (generic label id 2), two retain rows
+    loss, parts = METHODS["random_label_descent"].loss(logits, batch, RefBatch(), Weights(retain=0.5))
+    forget = _ce(rows[0], 2)
+    retain = (_ce(rows[1], 1) + _ce(rows[2], 0)) / 2
+    assert parts["forget_ce_generic"] == pytest.approx(forget, rel=1e-6)
+    assert parts["retain_ce"] == pytest.approx(retain, rel=1e-6)
+    assert loss.item() == pytest.approx(forget + 0.5 * retain, rel=1e-6)
 
 
 def test_gradient_ascent_descent_weights_the_retain_ce():
@@ -365,6 +381,31 @@ def test_lora_unlearning_end_to_end(method, qlora_run, data_args, tmp_path):
     assert {s: m["accuracy"] for s, m in again.items()} == {s: m["accuracy"] for s, m in metrics.items()}
 
 
+def test_random_label_descent_trains_on_spul_data(tiny_model_dir, tmp_path, capsys):
+    """--counterfactual_retain adds the name-swapped forget texts to the retain side (true labels),
+    --generic_label fixes the forget target: the run trains on exactly SPUL's rows."""
+    people = ["Woody Allen", "Spielberg", "Godard"]
+    forget = pd.DataFrame({"text": [f"{people[i % 3]} made a {'fine' if i % 2 else 'poor'} film, number {i}." for i in range(12)],
+                           "label": [i % 2 for i in range(12)]})
+    folder = write_splits(tmp_path / "d", train_forget=forget)
+    args = ["--model_name", tiny_model_dir, "--data_dir", folder, "--max_length", "64", "--eval_batch_size", "8",
+            "--unlearn_method", "random_label_descent", "--train_batch_size", "8", "--lr", "1e-3"]
+    with pytest.raises(SystemExit) as e:  # no names recorded by the split and none given: one line, nothing written
+        _run(args + ["--counterfactual_retain", "--output_path", tmp_path / "bad"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --forget_names") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+    _run(args + ["--counterfactual_retain", "--generic_label", "unknown", "--forget_names", *people,
+                 "--output_path", tmp_path / "cf"])
+    stats = json.loads((tmp_path / "cf" / "train_stats.json").read_text())
+    config = json.loads((tmp_path / "cf" / "config.json").read_text())
+    assert config["counterfactual_retain"] == 1.0 and config["generic_label"] == "unknown"
+    # the validation carve (5%, at least one row) leaves 7 retain and 11 forget rows:
+    # 7 retain + 11 counterfactual + 11 forget = 29 samples, 4 steps of 8
+    assert stats["training_samples"] == 29 and stats["steps"] == 4
+    assert all(math.isfinite(loss) and set(terms) == {"forget_ce_generic", "retain_ce"} for _, loss, terms in stats["losses"])
+
+
 def test_unlearning_a_pretrained_model_without_qlora_run(tiny_model_dir, data_args, tmp_path):
     out = tmp_path / "ga"
     _run(["--model_name", tiny_model_dir, "--unlearn_method", "gradient_ascent", "--output_path", out] + data_args)
@@ -390,6 +431,11 @@ def test_nonfinite_loss_stops_with_one_line_and_no_folder(monkeypatch, tiny_mode
 
 @pytest.mark.parametrize("extra, flag", [
     (["--unlearn_method", "gradient_ascent", "--retain_weight", "1"], "--retain_weight"),
+    (["--unlearn_method", "gradient_ascent_descent", "--generic_label", "unknown"], "--generic_label"),
+    (["--unlearn_method", "random_label", "--counterfactual_retain"], "--counterfactual_retain"),
+    (["--unlearn_method", "random_label_descent", "--retain_weight", "0", "--counterfactual_retain"], "--counterfactual_retain"),
+    (["--unlearn_method", "random_label_descent", "--counterfactual_retain", "1.5"], "--counterfactual_retain"),
+    (["--unlearn_method", "random_label_descent", "--generic_label", "maybe"], "--generic_label"),
     (["--unlearn_method", "npo", "--npo_beta", "0"], "--npo_beta"),
     (["--unlearn_method", "gradient_ascent_kl", "--kl_topk", "-1"], "--kl_topk"),
     (["--unlearn_method", "npo", "--lr", "0"], "--lr"),

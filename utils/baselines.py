@@ -158,6 +158,14 @@ def random_label(logits, batch, ref, weights):
     return ce, {"forget_ce_generic": ce.item()}
 
 
+def random_label_descent(logits, batch, ref, weights):
+    """CE toward the generic label on forget samples + w * CE on retain samples: SPUL's L_f + alpha
+    L_r, trained on the weights instead of a prompt."""
+    ce = _forget_ce(logits, batch)
+    rce = _retain_mean(ce_per_sample(logits, batch["label_ids"]), batch)
+    return ce + weights.retain * rce, {"forget_ce_generic": ce.item(), "retain_ce": rce.item()}
+
+
 def gradient_ascent_kl(logits, batch, ref, weights):
     """-CE on forget samples + w * KL(reference || current) on retain samples."""
     ce = _forget_ce(logits, batch)
@@ -260,6 +268,12 @@ METHODS: dict[str, Method] = {
     "random_label": Method(
         random_label, "RL: CE toward a seeded generic label (the task's, e.g. neutral/unknown) on forget samples (forget set only)",
         "RL", relabel_forget=True,
+    ),
+    "random_label_descent": Method(
+        random_label_descent,
+        "RL+GD: CE toward a generic label on forget samples + w * retain CE (forget + retain; SPUL's L_f + alpha L_r "
+        "on the weights; with --counterfactual_retain and --generic_label it trains on SPUL's data)",
+        "RL+GD", retain_term="CE", default_weight=1.0, relabel_forget=True,
     ),
     "gradient_ascent_kl": Method(
         gradient_ascent_kl,

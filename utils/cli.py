@@ -125,6 +125,29 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
                         "<output folder name>-<YYYYmmdd-HHMMSS>")
 
 
+def add_forget_target_args(g, learner: str) -> None:
+    """The flags that shape what the forget and retain samples train toward, shared by spul.py and
+    baselines.py (``learner``: what learns, for the help): --generic_label, --counterfactual_retain."""
+    g.add_argument("--generic_label", default=None, metavar="WORD",
+                   help="the generic label every forget sample is trained toward, one of the task's (sentiment: neutral, "
+                        "unknown); default: one drawn uniformly per forget sample from --seed (the paper). One label gives "
+                        "the forget loss a target it can reach (ours; 'unknown' is the label the --hard_prefix instruction "
+                        "and the instruction_prompt baseline ask for)")
+    g.add_argument("--counterfactual_retain", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE",
+                   help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the "
+                        "forget texts, the text with its forgotten names swapped for made-up names and its true label, so "
+                        f"that {learner} learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
+
+
+def check_forget_targets(args, task) -> None:
+    """The checks of :func:`add_forget_target_args`' flags (``task``: the data's, for the label)."""
+    if not 0 <= args.counterfactual_retain <= 1:
+        raise UsageError(f"--counterfactual_retain {args.counterfactual_retain}: the share of forget texts must be in [0, 1]")
+    if args.generic_label is not None and args.generic_label not in task.generic_labels:
+        raise UsageError(f"--generic_label {args.generic_label}: not a generic label of task {task.name} "
+                         f"(choose from {', '.join(task.generic_labels)})")
+
+
 def add_output_args(p) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output_path", default=None, help="run folder to write (default: runs/<model>-<dataset>-<kind>)")
