@@ -211,5 +211,5 @@ report() {  # report NAME RUN_DIR...: markdown, CSV, trade-off plot and MIA plot
   echo "plots: $OUT/$name.png $OUT/$name-mia.png"
 }
 
-TRAINED_BASELINES="gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent npo"
+TRAINED_BASELINES="gradient_ascent random_label random_label_descent gradient_ascent_kl gradient_ascent_descent npo"
 TRAINING_FREE="instruction_prompt in_context name_filter"

@@ -45,8 +45,8 @@ def test_table2_runs_every_method_and_seed():
     cmds = dry_run("table2.sh", PROFILE="cpu", SEEDS="7 8")
     parsed = [parse(c) for c in cmds]
     methods = {a.unlearn_method for t, a in parsed if t == "baselines.py"}
-    assert methods == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo",
-                       "instruction_prompt", "in_context", "name_filter"}
+    assert methods == {"gradient_ascent", "random_label", "random_label_descent", "gradient_ascent_kl",
+                       "gradient_ascent_descent", "npo", "instruction_prompt", "in_context", "name_filter"}
     assert {a.seed for t, a in parsed if t != "utils.report"} == {7, 8}
     protocols = [a.protocol for t, a in parsed if t == "inference_spul.py"]
     assert sorted(protocols) == ["argmax", "generate"]  # the Vanilla row under both, once: no training seed
@@ -180,7 +180,15 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert {"val_retain", "val_forget", "train_forget"} <= set(grid[0].eval_splits)
     lrs = {(a.unlearn_method, a.lr) for a in grid if hasattr(a, "unlearn_method")}
     assert {lr for _, lr in lrs} >= {1e-6, 1e-5, 1e-4}
-    assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"}
+    assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "random_label_descent", "gradient_ascent_kl",
+                                   "gradient_ascent_descent", "npo"}
+    # RL+GD sweeps 1 and 4 epochs on SPUL's selected data flags; the others 1 epoch on their own data
+    rlgd = [a for a in grid if getattr(a, "unlearn_method", None) == "random_label_descent"]
+    assert sorted({a.num_epochs for a in rlgd}) == [1, 4] and len(rlgd) == 2 * len({lr for m, lr in lrs if m == "random_label_descent"})
+    assert all(a.counterfactual_retain == 0.5 and a.generic_label == "unknown" and a.stratify_batches for a in rlgd)
+    assert len({a.output_path for a in rlgd}) == len(rlgd)
+    others = [a for a in grid if hasattr(a, "unlearn_method") and a.unlearn_method != "random_label_descent"]
+    assert all(a.num_epochs == 1 and a.counterfactual_retain == 0 and a.generic_label is None for a in others)
     select = parsed[-1][1]
     assert [r[-8:] for r in select.reference] == ["qlora-s5"] and len(select.runs) == len(grid)
     assert not select.update  # the whole selection rewrites the env file
