@@ -121,7 +121,8 @@ def test_spul_terms_with_global_counts_add_up_to_one_process(split):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-@pytest.mark.parametrize("method", ["gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "npo"])
+@pytest.mark.parametrize("method", ["gradient_ascent", "random_label", "random_label_descent", "gradient_ascent_kl",
+                                    "gradient_ascent_descent", "npo"])
 def test_baseline_terms_with_global_counts_add_up_to_one_process(method, split):
     logits, ref, labels, forget = _random_case(seed=1)
     ref_logp = torch.randn(6, generator=torch.Generator().manual_seed(3)) - 5
