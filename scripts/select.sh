@@ -5,7 +5,7 @@
 # (val_retain within MAX_DROP points of QLoRA's, then the lowest mean of train_forget and
 # val_forget ACC), and write the chosen flags to $SELECTED, which table2.sh and the other
 # recipes read. Overrides: SPUL_GRID (configs separated by ';'), BASELINE_LRS, SELECT_METHODS
-# (default: spul and the five trained baselines), SELECT_SEED (default: the first of SEEDS),
+# (default: spul and the six trained baselines), SELECT_SEED (default: the first of SEEDS),
 # SELECT_SEEDS (default: SELECT_SEED; several seeds run the whole grid on each and judge every
 # setting on its mean, which a recipe as seed-sensitive as SPUL's at CPU scale needs),
 # SELECT_OVER_SEEDS (mean, the default, or worst: each metric at its worst seed), MAX_DROP,
