@@ -84,7 +84,8 @@ def build_parser():
         "the filter's names (manifest.json) and points to the model")
     t.add_argument("--forget_names", nargs="+", metavar="NAME", default=None,
                    help="instruction_prompt, name_filter: the forgotten people the instruction names or the filter "
-                        "catches (default: the names recorded by an entities-recipe split folder, e.g. the embedded rt)")
+                        "catches; with --counterfactual_retain, the names it swaps out (default: the names recorded by an "
+                        "entities-recipe split folder, e.g. the embedded rt)")
     t.add_argument("--icl_forget", type=int, default=None, metavar="K",
                    help=f"in_context: train_forget examples in the context, each with a generic label "
                         f"(default {guardrails.ICL_DEFAULT}; drawn with --seed)")
