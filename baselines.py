@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from utils import cli, distributed, guardrails
 from utils.baselines import (
     METHODS,
@@ -30,8 +32,8 @@ from utils.baselines import (
 )
 from utils.kinds import load_run
 from utils.loading import load_pretrained
-from utils.augment import counterfactual_retain, forgotten_names
-from utils.data import prepare_splits, split_fingerprint, training_set
+from utils.augment import counterfactual_retain, forgotten_names, pseudo_labelled
+from utils.data import prepare_splits, split_fingerprint, training_set, unused_retain
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings, save_prefix
 from utils.models import add_lora, lora_config, lora_target_modules, select_device, set_pad_token_id
@@ -132,9 +134,10 @@ def check_args(args) -> float:
     if args.generic_label is not None and not method.relabel_forget:
         users = ", ".join(n for n, m in METHODS.items() if m.relabel_forget)
         raise cli.UsageError(f"--generic_label: only used with --unlearn_method {users} (the methods with generic labels)")
-    if args.counterfactual_retain and not method.trains_on_retain(weight):
-        raise cli.UsageError(f"--counterfactual_retain: {args.unlearn_method} trains on no retain set"
-                             + ("" if method.retain_term is None else " at --retain_weight 0"))
+    for flag in ("counterfactual_retain", "pseudo_retain"):
+        if getattr(args, flag) and not method.trains_on_retain(weight):
+            raise cli.UsageError(f"--{flag}: {args.unlearn_method} trains on no retain set"
+                                 + ("" if method.retain_term is None else " at --retain_weight 0"))
     for flag in METHOD_FLAGS:
         if flag == "forget_names" and args.counterfactual_retain:
             continue  # the names --counterfactual_retain swaps out
@@ -294,17 +297,25 @@ def main(argv=None):
         return run_training_free(args, data, method, out, qlora_manifest, splits)
     counterfactual = (counterfactual_retain(splits["train_forget"], forgotten_names(args.forget_names, data), args.seed,
                                             share=args.counterfactual_retain) if args.counterfactual_retain else None)
+    spare = unused_retain(data, args.pseudo_retain) if args.pseudo_retain else None  # before any model loads
     cli.check_tokenizer(args)  # --max_length, before any model is loaded
     ckpt = cli.check_resume(args, out, splits)
 
     device = select_device()
     loaded, encoder = load_start(args, data.task, qlora_manifest, splits, device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    pseudo = None
+    if spare is not None:  # the starting model's own answers, before any update
+        spare, pseudo = pseudo_labelled(model, encoder, spare, args.eval_batch_size, device)
+        if distributed.is_main():
+            print(f"pseudo-labelled retain rows: {pseudo['rows']} ({', '.join(f'{w} {n}' for w, n in pseudo['label_counts'].items())})")
+    extra = [f for f in (counterfactual, spare) if f is not None]
 
     features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget,
-                                                    extra_retain=counterfactual, generic_label=args.generic_label), weight)
+                                                    extra_retain=pd.concat(extra, ignore_index=True) if extra else None,
+                                                    generic_label=args.generic_label), weight)
     weights = method_weights(method, weight, vars(args))
-    needs_reference = method.ref_logprob or (method.ref_dist and weight > 0)
+    needs_reference = method.needs_reference(weights)
     if args.lora:
         lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, target_modules=lora_target_modules(model))
         model = add_lora(model, lora)
@@ -312,7 +323,7 @@ def main(argv=None):
     else:
         model.requires_grad_(True)  # a merged PEFT model comes back frozen
         reference = build_reference_store(model, method, features, args.eval_batch_size, device, tokenizer.pad_token_id,
-                                          args.kl_topk, weight) if needs_reference else NoReference()
+                                          args.kl_topk, weights) if needs_reference else NoReference()
     params = [p for p in model.parameters() if p.requires_grad]
     if distributed.is_main():
         print(f"device {device}, method {args.unlearn_method}, {'LoRA' if args.lora else 'full fine-tuning'}, "
@@ -350,6 +361,8 @@ def main(argv=None):
                 reference={k: v for k, v in reference.stats.items() if k != "seconds"},
                 saved=saved,
             )
+            if pseudo is not None:
+                manifest["pseudo_retain"] = pseudo
             save_run(tmp, vars(args), evaluation, manifest, {**stats.as_dict(), "reference": reference.stats, "training_samples": len(features)})
         cli.remove_checkpoints(out)
         print(format_table({args.unlearn_method: evaluation.metrics}))

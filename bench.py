@@ -641,14 +641,14 @@ def baseline_trainers(bench: Bench) -> list[Trainer]:
         if method.training_free:  # no step to time
             continue
         feats = bench.data.features(method.relabel_forget)
-        weight = method.default_weight
-        if method.ref_logprob or (method.ref_dist and weight > 0):
-            reference = build_reference_store(model, method, feats, args.eval_batch_size, bench.device, bench.pad_id, args.kl_topk, weight)
+        weights = method_weights(method, method.default_weight, vars(args))
+        if method.needs_reference(weights):
+            reference = build_reference_store(model, method, feats, args.eval_batch_size, bench.device, bench.pad_id, args.kl_topk, weights)
             refs[method.display] = reference.stats
         else:
             reference = NoReference()
-        loss_fn = make_loss_fn(method, reference, method_weights(method, weight, vars(args)))
-        note = "full fine-tuning" + (f", retain weight {weight:g}" if method.retain_term else "")
+        loss_fn = make_loss_fn(method, reference, weights)
+        note = "full fine-tuning" + (f", retain weight {weights.retain:g}" if method.retain_term else "")
         rows.append(Trainer(method.display, model, params, loss_fn, feats, optimizer, note))
     bench.results["reference"] = reference_figures(bench, refs)
     return rows
@@ -1276,10 +1276,10 @@ def run_profile(args, device, model_path, tokenizer, encoder, splits) -> dict:
     model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     feats = generic_all if method.relabel_forget else plain_all
-    weight = method.default_weight
-    reference = (build_reference_store(model, method, feats, args.eval_batch_size, device, pad_id, args.kl_topk, weight)
-                 if method.ref_logprob or (method.ref_dist and weight > 0) else NoReference())
-    loss_fn = make_loss_fn(method, reference, method_weights(method, weight, vars(args)))
+    weights = method_weights(method, method.default_weight, vars(args))
+    reference = (build_reference_store(model, method, feats, args.eval_batch_size, device, pad_id, args.kl_topk, weights)
+                 if method.needs_reference(weights) else NoReference())
+    loss_fn = make_loss_fn(method, reference, weights)
     optimizer = adamw(params, LR["baseline"])
     batch = batch_of([feats[i] for i in draw_batches(is_forget, args.profile_baseline_batch_size, 1, args.seed)[0]])
     model.train()

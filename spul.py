@@ -48,7 +48,6 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=float, default=0.5, help="weight of KL(no prompt || prompt) on retain samples; 0 skips the reference forward")
     cli.add_forget_target_args(g, "the prompt")
-    g.add_argument("--pseudo_retain", type=int, default=0, metavar="N", help="add N retain texts from the part of the training pool that no split uses (the rows the --max_train_retain cap leaves out; never a validation or test row), each labelled with the frozen model's own answer without the prompt, to the retain side of the loss (L_r and L_kl), so that the prompt is also held to the model's behaviour on reviews outside the training set (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_swaps", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with its forgotten names swapped for other forgotten names (seeded), to the forget side of the loss with generic labels, so that each person is seen in more contexts (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--forget_typos", type=int, default=0, metavar="K", help="entity forget sets: add K copies of each forget text with every forgotten name misspelled (one seeded letter-level edit per name: a letter dropped, doubled or replaced; never a swap of two letters, the name_typo probe's edit, nor a case change), to the forget side of the loss with generic labels, so that the prompt also forgets near-miss spellings (ours, utils/augment.py); 0 (default): off")
     g.add_argument("--hard_prefix", default="none", choices=HARD_PREFIXES, help="none (default, the paper): the soft prompt alone; instruction: the instruction_prompt baseline's text, which names the forgotten people, as fixed tokens before the soft prompt (ours: the names in front make \"names a forgotten person\" readable at the label position, see the README)")
@@ -81,7 +80,6 @@ def check_args(args) -> None:
         "beta": (args.beta >= 0, "must be >= 0"),
         "forget_swaps": (args.forget_swaps >= 0, "must be >= 0"),
         "forget_typos": (args.forget_typos >= 0, "must be >= 0"),
-        "pseudo_retain": (args.pseudo_retain >= 0, "must be >= 0"),
         "weight_decay": (args.weight_decay >= 0, "must be >= 0"),
         "warmup_ratio": (0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
         "max_grad_norm": (args.max_grad_norm > 0, "must be positive"),

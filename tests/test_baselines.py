@@ -23,6 +23,7 @@ from utils.baselines import (
     build_reference_store,
     coarse_kl,
     make_loss_fn,
+    method_weights,
     npo_per_sample,
     simnpo_per_sample,
     select_features,
@@ -52,7 +53,13 @@ def test_registry_lists_the_five_methods_and_their_samples():
     assert METHODS["random_label"].relabel_forget and not METHODS["gradient_ascent"].relabel_forget
     assert METHODS["random_label_descent"].relabel_forget and not METHODS["random_label_descent"].trains_on_retain(0)
     assert METHODS["gradient_ascent_kl"].ref_dist and METHODS["npo"].ref_logprob
-    assert not any(m.ref_dist or m.ref_logprob for n, m in METHODS.items() if n not in ("gradient_ascent_kl", "npo"))
+    at_defaults = {n: m.needs_reference(method_weights(m, m.default_weight, {})) for n, m in METHODS.items() if not m.training_free}
+    assert [n for n, needs in at_defaults.items() if needs] == ["gradient_ascent_kl", "npo"]
+    # RL+GD reads the reference's distribution only with its KL term on, and only with a retain set
+    rlgd = METHODS["random_label_descent"]
+    assert rlgd.needs_dist(method_weights(rlgd, 1.0, {"kl_weight": 2.0}))
+    assert not rlgd.needs_dist(method_weights(rlgd, 0.0, {"kl_weight": 2.0}))
+    assert not METHODS["gradient_ascent_kl"].needs_dist(method_weights(METHODS["gradient_ascent_kl"], 0.0, {}))
     feats = [{"is_forget": False}, {"is_forget": True}, {"is_forget": True}]
     assert [f["index"] for f in select_features(METHODS["gradient_ascent"], feats, 0)] == [0, 1]
     assert len(select_features(METHODS["gradient_ascent_descent"], feats, 1.0)) == 3
@@ -81,12 +88,35 @@ def test_random_label_descent_is_generic_ce_plus_weighted_retain_ce():
     rows = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]
     logits = torch.tensor([[r] for r in rows])
     batch = _batch([[2], [1], [0]], [True, False, False])  # a forget row (generic label id 2), two retain rows
-    loss, parts = METHODS["random_label_descent"].loss(logits, batch, RefBatch(), Weights(retain=0.5))
+    loss, parts = METHODS["random_label_descent"].loss(logits, batch, RefBatch(), Weights(retain=0.5, kl_weight=0.0))
     forget = _ce(rows[0], 2)
     retain = (_ce(rows[1], 1) + _ce(rows[2], 0)) / 2
     assert parts["forget_ce_generic"] == pytest.approx(forget, rel=1e-6)
     assert parts["retain_ce"] == pytest.approx(retain, rel=1e-6)
     assert loss.item() == pytest.approx(forget + 0.5 * retain, rel=1e-6)
+
+
+def test_random_label_descent_adds_the_weighted_kl_on_retain_rows():
+    """--kl_weight b: SPUL's whole L_f + alpha L_r + beta L_kl, the KL(reference || current) a mean
+    over the retain rows only; at b = 0 the loss and its terms are RL+GD's."""
+    rows = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]
+    ref_rows = [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    logits = torch.tensor([[r] for r in rows])
+    batch = _batch([[2], [1], [0]], [True, False, False])
+    ref = RefBatch(dist=FullDist(torch.tensor([[r] for r in ref_rows])))
+
+    def kl(p_logits, q_logits):  # KL(p || q) by hand
+        zp, zq = sum(math.exp(v) for v in p_logits), sum(math.exp(v) for v in q_logits)
+        return sum(math.exp(a) / zp * ((a - math.log(zp)) - (b - math.log(zq))) for a, b in zip(p_logits, q_logits))
+
+    loss, parts = METHODS["random_label_descent"].loss(logits, batch, ref, Weights(retain=0.5, kl_weight=2.0))
+    forget = _ce(rows[0], 2)
+    retain = (_ce(rows[1], 1) + _ce(rows[2], 0)) / 2
+    kl_retain = (kl(ref_rows[1], rows[1]) + kl(ref_rows[2], rows[2])) / 2
+    assert parts["retain_kl"] == pytest.approx(kl_retain, rel=1e-6) and kl_retain > 0.1
+    assert loss.item() == pytest.approx(forget + 0.5 * retain + 2.0 * kl_retain, rel=1e-6)
+    off, off_parts = METHODS["random_label_descent"].loss(logits, batch, ref, Weights(retain=0.5, kl_weight=0.0))
+    assert set(off_parts) == {"forget_ce_generic", "retain_ce"} and off.item() == pytest.approx(forget + 0.5 * retain, rel=1e-6)
 
 
 def test_gradient_ascent_descent_weights_the_retain_ce():
@@ -406,6 +436,26 @@ def test_random_label_descent_trains_on_spul_data(tiny_model_dir, tmp_path, caps
     assert all(math.isfinite(loss) and set(terms) == {"forget_ce_generic", "retain_ce"} for _, loss, terms in stats["losses"])
 
 
+def test_random_label_descent_with_pseudo_retain_and_kl(tiny_model_dir, tmp_path):
+    """SPUL's whole recipe on the weights: --pseudo_retain N adds N unused training-pool reviews,
+    labelled by the starting model, to the retain side, and --kl_weight caches the reference's
+    distribution for every retain row (train_retain and the pseudo-labelled ones)."""
+    folder = write_splits(tmp_path / "d", rows=24)
+    args = ["--model_name", tiny_model_dir, "--data_dir", str(folder), "--max_length", "64", "--eval_batch_size", "8",
+            "--max_val_retain", "4", "--max_val_forget", "2", "--max_train_retain", "8", "--max_train_forget", "8",
+            "--unlearn_method", "random_label_descent", "--train_batch_size", "8", "--lr", "1e-3",
+            "--pseudo_retain", "5", "--kl_weight", "2", "--output_path", tmp_path / "p"]
+    _run(args)
+    stats = json.loads((tmp_path / "p" / "train_stats.json").read_text())
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["pseudo_retain"]["rows"] == 5 and sum(manifest["pseudo_retain"]["label_counts"].values()) == 5
+    assert manifest["loss_weights"]["kl_weight"] == 2.0
+    # 8 retain + 5 pseudo-labelled + 8 forget = 21 samples, 3 steps of 8; 13 retain rows in the reference
+    assert stats["training_samples"] == 21 and stats["steps"] == 3
+    assert stats["reference"]["kind"] == "cache" and stats["reference"]["entries_distribution"] == 13
+    assert all(set(terms) == {"forget_ce_generic", "retain_ce", "retain_kl"} for _, _, terms in stats["losses"])
+
+
 def test_unlearning_a_pretrained_model_without_qlora_run(tiny_model_dir, data_args, tmp_path):
     out = tmp_path / "ga"
     _run(["--model_name", tiny_model_dir, "--unlearn_method", "gradient_ascent", "--output_path", out] + data_args)
@@ -436,6 +486,10 @@ def test_nonfinite_loss_stops_with_one_line_and_no_folder(monkeypatch, tiny_mode
     (["--unlearn_method", "random_label_descent", "--retain_weight", "0", "--counterfactual_retain"], "--counterfactual_retain"),
     (["--unlearn_method", "random_label_descent", "--counterfactual_retain", "1.5"], "--counterfactual_retain"),
     (["--unlearn_method", "random_label_descent", "--generic_label", "maybe"], "--generic_label"),
+    (["--unlearn_method", "random_label", "--pseudo_retain", "4"], "--pseudo_retain"),
+    (["--unlearn_method", "random_label_descent", "--pseudo_retain", "-1"], "--pseudo_retain"),
+    (["--unlearn_method", "random_label_descent", "--kl_weight", "-1"], "--kl_weight"),
+    (["--unlearn_method", "gradient_ascent_descent", "--kl_weight", "1"], "--kl_weight"),
     (["--unlearn_method", "npo", "--npo_beta", "0"], "--npo_beta"),
     (["--unlearn_method", "gradient_ascent_kl", "--kl_topk", "-1"], "--kl_topk"),
     (["--unlearn_method", "npo", "--lr", "0"], "--lr"),

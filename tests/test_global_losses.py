@@ -126,7 +126,7 @@ def test_spul_terms_with_global_counts_add_up_to_one_process(split):
 def test_baseline_terms_with_global_counts_add_up_to_one_process(method, split):
     logits, ref, labels, forget = _random_case(seed=1)
     ref_logp = torch.randn(6, generator=torch.Generator().manual_seed(3)) - 5
-    weights = Weights(retain=0.6, npo_beta=0.3)
+    weights = Weights(retain=0.6, npo_beta=0.3, kl_weight=0.8)  # RL+GD with its KL term on
     m = METHODS[method]
 
     def fn(x, batch):

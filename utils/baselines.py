@@ -159,11 +159,18 @@ def random_label(logits, batch, ref, weights):
 
 
 def random_label_descent(logits, batch, ref, weights):
-    """CE toward the generic label on forget samples + w * CE on retain samples: SPUL's L_f + alpha
-    L_r, trained on the weights instead of a prompt."""
+    """CE toward the generic label on forget samples + w * CE on retain samples (+ kl_weight *
+    KL(reference || current) on retain samples when kl_weight > 0): SPUL's L_f + alpha L_r + beta
+    L_kl, trained on the weights instead of a prompt."""
     ce = _forget_ce(logits, batch)
     rce = _retain_mean(ce_per_sample(logits, batch["label_ids"]), batch)
-    return ce + weights.retain * rce, {"forget_ce_generic": ce.item(), "retain_ce": rce.item()}
+    terms = {"forget_ce_generic": ce.item(), "retain_ce": rce.item()}
+    loss = ce + weights.retain * rce
+    if weights.kl_weight > 0:
+        kl = _retain_mean(ref.dist.kl(logits, batch["label_ids"]), batch) if ref.dist is not None else logits.new_zeros(())
+        loss = loss + weights.kl_weight * kl
+        terms["retain_kl"] = kl.item()
+    return loss, terms
 
 
 def gradient_ascent_kl(logits, batch, ref, weights):
@@ -252,6 +259,7 @@ class Method:
     relabel_forget: bool = False  # forget samples carry generic labels
     ref_logprob: bool = False  # needs log pi_ref(y|x) on forget samples
     ref_dist: bool = False  # needs the reference label distribution on retain samples
+    kl_gate: str | None = None  # with ref_dist: the hyperparameter whose value > 0 switches the KL (and the need) on
     # training-free (no loss, no training): ``prefix(GuardrailOptions, splits, task) -> Guardrail`` (utils.guardrails)
     # builds the hard-text prefix placed before every input, or the input filter; the run saves no weights
     training_free: bool = False
@@ -262,6 +270,15 @@ class Method:
     def trains_on_retain(self, weight: float) -> bool:
         return self.retain_term is not None and weight > 0
 
+    def needs_dist(self, weights: "Weights") -> bool:
+        """Whether the loss reads the reference's label distribution on retain samples."""
+        if not (self.ref_dist and self.trains_on_retain(weights.retain)):
+            return False
+        return self.kl_gate is None or getattr(weights, self.kl_gate) > 0
+
+    def needs_reference(self, weights: "Weights") -> bool:
+        return self.ref_logprob or self.needs_dist(weights)
+
 
 METHODS: dict[str, Method] = {
     "gradient_ascent": Method(gradient_ascent, "GA: minus the CE of the true label on forget samples (forget set only)", "GA"),
@@ -271,9 +288,12 @@ METHODS: dict[str, Method] = {
     ),
     "random_label_descent": Method(
         random_label_descent,
-        "RL+GD: CE toward a generic label on forget samples + w * retain CE (forget + retain; SPUL's L_f + alpha L_r "
-        "on the weights; with --counterfactual_retain and --generic_label it trains on SPUL's data)",
-        "RL+GD", retain_term="CE", default_weight=1.0, relabel_forget=True,
+        "RL+GD: CE toward a generic label on forget samples + w * retain CE (+ kl_weight * KL(reference || current) "
+        "on retain samples) (forget + retain; SPUL's L_f + alpha L_r + beta L_kl on the weights; with "
+        "--counterfactual_retain, --pseudo_retain and --generic_label it trains on SPUL's data)",
+        "RL+GD", retain_term="CE", default_weight=1.0, relabel_forget=True, ref_dist=True, kl_gate="kl_weight",
+        hparams={"kl_weight": HParam(0.0, "weight of the KL(reference || current) term on retain samples, SPUL's beta "
+                                          "(>= 0; 0: no KL term and no reference)", inclusive=True)},
     ),
     "gradient_ascent_kl": Method(
         gradient_ascent_kl,
@@ -398,9 +418,12 @@ def _length_order(features, idx):
 
 
 @torch.inference_mode()
-def build_reference_store(model, method: Method, features, batch_size, device, pad_id, kl_topk=64, weight=1.0) -> ReferenceStore:
+def build_reference_store(model, method: Method, features, batch_size, device, pad_id, kl_topk=64,
+                          weights: Weights | None = None) -> ReferenceStore:
     """One no-grad pass over the samples whose entries ``method`` needs (its forget samples
-    for NPO, its retain samples for GA+KL), with the model as it is now (pre-unlearning)."""
+    for NPO, its retain samples for GA+KL and RL+GD's KL), with the model as it is now
+    (pre-unlearning). ``weights``: the run's (default: retain weight 1, the method's defaults)."""
+    weights = weights if weights is not None else method_weights(method, 1.0, {})
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -408,7 +431,7 @@ def build_reference_store(model, method: Method, features, batch_size, device, p
     store = ReferenceStore(n)
     forget_idx = [i for i, f in enumerate(features) if f["is_forget"]]
     retain_idx = [i for i, f in enumerate(features) if not f["is_forget"]]
-    want_dist = method.ref_dist and method.trains_on_retain(weight)
+    want_dist = method.needs_dist(weights)
     if method.ref_logprob:
         store.logprob = torch.zeros(n, dtype=torch.float32)
     if want_dist:

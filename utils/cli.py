@@ -127,7 +127,8 @@ def add_train_args(p, lr, epochs, batch=32, warmup=0.05, weight_decay=0.001, max
 
 def add_forget_target_args(g, learner: str) -> None:
     """The flags that shape what the forget and retain samples train toward, shared by spul.py and
-    baselines.py (``learner``: what learns, for the help): --generic_label, --counterfactual_retain."""
+    baselines.py (``learner``: what learns, for the help): --generic_label, --counterfactual_retain,
+    --pseudo_retain."""
     g.add_argument("--generic_label", default=None, metavar="WORD",
                    help="the generic label every forget sample is trained toward, one of the task's (sentiment: neutral, "
                         "unknown); default: one drawn uniformly per forget sample from --seed (the paper). One label gives "
@@ -137,10 +138,18 @@ def add_forget_target_args(g, learner: str) -> None:
                    help="entity forget sets: add a retain sample for a seeded share (default when given: 1, all) of the "
                         "forget texts, the text with its forgotten names swapped for made-up names and its true label, so "
                         f"that {learner} learns to forget these names rather than any name (utils/augment.py); 0 (default): off")
+    g.add_argument("--pseudo_retain", type=int, default=0, metavar="N",
+                   help="add N retain texts from the part of the training pool that no split uses (the rows the "
+                        "--max_train_retain cap leaves out; never a validation or test row), each labelled with the starting "
+                        f"model's own answer before {learner} is trained, to the retain side of the loss (its CE and KL), so that "
+                        f"{learner} is also held to the model's behaviour on reviews outside the training set (ours, "
+                        "utils/augment.py); 0 (default): off")
 
 
 def check_forget_targets(args, task) -> None:
     """The checks of :func:`add_forget_target_args`' flags (``task``: the data's, for the label)."""
+    if args.pseudo_retain < 0:
+        raise UsageError(f"--pseudo_retain {args.pseudo_retain}: must be >= 0")
     if not 0 <= args.counterfactual_retain <= 1:
         raise UsageError(f"--counterfactual_retain {args.counterfactual_retain}: the share of forget texts must be in [0, 1]")
     if args.generic_label is not None and args.generic_label not in task.generic_labels:
