@@ -19,14 +19,17 @@ source "$(dirname "$0")/common.sh"
 : "${SELECT_METHODS:=spul $TRAINED_BASELINES}"
 : "${BASELINE_LRS:=1e-6 3e-6 1e-5 3e-5 1e-4}"
 # what a baseline's grid adds to the lr sweep: flags every run of it takes, and the epochs swept
-# (default BASELINE_EPOCHS), and settings LR:EPOCHS added after those. RL+GD, SPUL's L_f + alpha
+# (default BASELINE_EPOCHS), and settings LR:EPOCHS[:FLAGS] added after those (FLAGS: more flags
+# for that setting alone, written --flag=value and separated by commas). RL+GD, SPUL's L_f + alpha
 # L_r on the weights, trains on SPUL's selected data (counterfactual copies of half the forget
 # reviews, one generic label, stratified batches) at 1 or 4 epochs (14 or 56 updates), plus lr
-# 1e-4 at 8 epochs (added after the 4-epoch column's validation figures: docs/experiments-cpu.md);
-# the others train 1 epoch on their own data.
+# 1e-4 at 8 epochs (added after the 4-epoch column's validation figures), plus the same with the
+# rest of SPUL's selected recipe: the KL term at beta 2, 128 pseudo-labelled retain reviews and the
+# weight average (added the session after: docs/experiments-cpu.md); the others train 1 epoch on
+# their own data.
 declare -A GRID_FLAGS=([random_label_descent]="--stratify_batches --counterfactual_retain 0.5 --generic_label unknown")
 declare -A GRID_EPOCHS=([random_label_descent]="1 4")
-declare -A GRID_EXTRA=([random_label_descent]="1e-4:8")
+declare -A GRID_EXTRA=([random_label_descent]="1e-4:8 1e-4:8:--kl_weight=2,--pseudo_retain=128,--ema_decay=0.99")
 if [ "$PROFILE" = cpu ]; then
   # every config: the names in front (--hard_prefix instruction), one generic label,
   # counterfactual copies of half the forget reviews; the grid is the training length (6, 8, 12,
@@ -76,13 +79,16 @@ for seed in $SELECT_SEEDS; do
     # shellcheck disable=SC2206
     grid+=(${GRID_EXTRA[$method]:-})
     for setting in "${grid[@]}"; do
-      lr=${setting%%:*} epochs=${setting##*:}
-      name=$method-lr$lr-s$seed
-      [ "$epochs" != "$BASELINE_EPOCHS" ] && name=$method-lr$lr-e$epochs-s$seed
+      IFS=: read -r lr epochs more <<< "$setting"
+      more=${more//,/ }  # the setting's own flags
+      name=$method-lr$lr
+      [ "$epochs" != "$BASELINE_EPOCHS" ] && name=$name-e$epochs
+      [ -n "$more" ] && name=$name-$(printf '%s' "$more" | tr -d ' =-' | tr '_' '.')
+      name=$name-s$seed
       # shellcheck disable=SC2086
-      stage "select $method lr $lr epochs $epochs" "$SEL_OUT/$name" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
+      stage "select $method lr $lr epochs $epochs $more" "$SEL_OUT/$name" $PY baselines.py --model_checkpoints "$OUT/qlora-s$seed" \
         "${DATA[@]}" --seed "$seed" --unlearn_method "$method" --lr "$lr" --num_epochs "$epochs" \
-        --train_batch_size "$BATCH" ${GRID_FLAGS[$method]:-} "${NO_TEST[@]}" --output_path "$SEL_OUT/$name"
+        --train_batch_size "$BATCH" ${GRID_FLAGS[$method]:-} $more "${NO_TEST[@]}" --output_path "$SEL_OUT/$name"
       runs+=("$SEL_OUT/$name")
     done
   done

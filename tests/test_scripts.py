@@ -182,10 +182,13 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     assert {lr for _, lr in lrs} >= {1e-6, 1e-5, 1e-4}
     assert {m for m, _ in lrs} == {"gradient_ascent", "random_label", "random_label_descent", "gradient_ascent_kl",
                                    "gradient_ascent_descent", "npo"}
-    # RL+GD sweeps 1 and 4 epochs, and lr 1e-4 at 8, on SPUL's selected data flags; the others 1 epoch on their own data
+    # RL+GD sweeps 1 and 4 epochs, and lr 1e-4 at 8 without and with the rest of SPUL's recipe (KL, pseudo-labelled
+    # retain reviews, weight average), on SPUL's selected data flags; the others 1 epoch on their own data
     rlgd = [a for a in grid if getattr(a, "unlearn_method", None) == "random_label_descent"]
-    assert sorted({a.num_epochs for a in rlgd}) == [1, 4, 8] and len(rlgd) == 2 * len({lr for m, lr in lrs if m == "random_label_descent"}) + 1
-    assert [(a.lr, a.num_epochs) for a in rlgd if a.num_epochs == 8] == [(1e-4, 8)]
+    assert sorted({a.num_epochs for a in rlgd}) == [1, 4, 8] and len(rlgd) == 2 * len({lr for m, lr in lrs if m == "random_label_descent"}) + 2
+    assert [(a.lr, a.num_epochs, a.kl_weight, a.pseudo_retain, a.ema_decay) for a in rlgd if a.num_epochs == 8] == [
+        (1e-4, 8, None, 0, 0.0), (1e-4, 8, 2.0, 128, 0.99)]
+    assert all(a.kl_weight is None for a in rlgd if a.num_epochs != 8)
     assert all(a.counterfactual_retain == 0.5 and a.generic_label == "unknown" and a.stratify_batches for a in rlgd)
     assert len({a.output_path for a in rlgd}) == len(rlgd)
     others = [a for a in grid if hasattr(a, "unlearn_method") and a.unlearn_method != "random_label_descent"]

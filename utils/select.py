@@ -44,7 +44,7 @@ READ = ("val_retain", "val_forget", "train_forget")  # the only metrics the crit
 TUNED = {
     "spul": ("lr", "num_epochs", "alpha", "beta", "prompt_norm", "stratify_batches", "counterfactual_retain", "forget_swaps", "forget_typos", "pseudo_retain", "hard_prefix",
              "generic_label", "ema_decay"),
-    "baseline": ("lr", "num_epochs", "retain_weight", "stratify_batches", "counterfactual_retain", "generic_label", "ema_decay",
+    "baseline": ("lr", "num_epochs", "retain_weight", "stratify_batches", "counterfactual_retain", "pseudo_retain", "generic_label", "ema_decay",
                  *hparam_flags()),  # and each method's own (Method.hparams)
 }
 
