@@ -25,12 +25,13 @@ source "$(dirname "$0")/common.sh"
 # reviews, one generic label, stratified batches) at 1 or 4 epochs (14 or 56 updates), plus lr
 # 1e-4 at 8 epochs (added after the 4-epoch column's validation figures), plus lr 1e-4 and 3e-5
 # at 8 epochs and lr 1e-4 at 4 with the rest of SPUL's selected recipe: the KL term at beta 2, 128
-# pseudo-labelled retain reviews and the weight average (added the session after, each after the
-# one before had been read: docs/experiments-cpu.md); the others train 1 epoch on their own data.
+# pseudo-labelled retain reviews and the weight average, and the last with the KL at 8 (added the
+# session after, each after the one before had been read: docs/experiments-cpu.md); the others
+# train 1 epoch on their own data.
 declare -A GRID_FLAGS=([random_label_descent]="--stratify_batches --counterfactual_retain 0.5 --generic_label unknown")
 declare -A GRID_EPOCHS=([random_label_descent]="1 4")
 SPUL_REST="--kl_weight=2,--pseudo_retain=128,--ema_decay=0.99"
-declare -A GRID_EXTRA=([random_label_descent]="1e-4:8 1e-4:8:$SPUL_REST 3e-5:8:$SPUL_REST 1e-4:4:$SPUL_REST")
+declare -A GRID_EXTRA=([random_label_descent]="1e-4:8 1e-4:8:$SPUL_REST 3e-5:8:$SPUL_REST 1e-4:4:$SPUL_REST 1e-4:4:${SPUL_REST/kl_weight=2/kl_weight=8}")
 if [ "$PROFILE" = cpu ]; then
   # every config: the names in front (--hard_prefix instruction), one generic label,
   # counterfactual copies of half the forget reviews; the grid is the training length (6, 8, 12,

@@ -185,11 +185,12 @@ def test_select_never_evaluates_test_and_sweeps_the_stated_grid():
     # RL+GD sweeps 1 and 4 epochs, and lr 1e-4 at 8 without and with the rest of SPUL's recipe (KL, pseudo-labelled
     # retain reviews, weight average), on SPUL's selected data flags; the others 1 epoch on their own data
     rlgd = [a for a in grid if getattr(a, "unlearn_method", None) == "random_label_descent"]
-    assert sorted({a.num_epochs for a in rlgd}) == [1, 4, 8] and len(rlgd) == 2 * len({lr for m, lr in lrs if m == "random_label_descent"}) + 4
+    assert sorted({a.num_epochs for a in rlgd}) == [1, 4, 8] and len(rlgd) == 2 * len({lr for m, lr in lrs if m == "random_label_descent"}) + 5
     assert [(a.lr, a.num_epochs) for a in rlgd if a.num_epochs == 8] == [(1e-4, 8), (1e-4, 8), (3e-5, 8)]
     whole = [(a.lr, a.num_epochs) for a in rlgd if (a.kl_weight, a.pseudo_retain, a.ema_decay) == (2.0, 128, 0.99)]
     assert whole == [(1e-4, 8), (3e-5, 8), (1e-4, 4)]  # the rest of SPUL's recipe, on three settings
-    assert sum(a.kl_weight is None and a.pseudo_retain == 0 and a.ema_decay == 0 for a in rlgd) == len(rlgd) - 3
+    assert [(a.lr, a.num_epochs, a.pseudo_retain) for a in rlgd if a.kl_weight == 8.0] == [(1e-4, 4, 128)]  # and a stronger KL
+    assert sum(a.kl_weight is None and a.pseudo_retain == 0 and a.ema_decay == 0 for a in rlgd) == len(rlgd) - 4
     assert all(a.counterfactual_retain == 0.5 and a.generic_label == "unknown" and a.stratify_batches for a in rlgd)
     assert len({a.output_path for a in rlgd}) == len(rlgd)
     others = [a for a in grid if hasattr(a, "unlearn_method") and a.unlearn_method != "random_label_descent"]
