@@ -134,6 +134,8 @@ def check_args(args) -> float:
     if args.generic_label is not None and not method.relabel_forget:
         users = ", ".join(n for n, m in METHODS.items() if m.relabel_forget)
         raise cli.UsageError(f"--generic_label: only used with --unlearn_method {users} (the methods with generic labels)")
+    if method.kl_gate and getattr(args, method.kl_gate) and not method.trains_on_retain(weight):
+        raise cli.UsageError(f"--{method.kl_gate}: the KL term is taken on the retain set, which --retain_weight 0 drops")
     for flag in ("counterfactual_retain", "pseudo_retain"):
         if getattr(args, flag) and not method.trains_on_retain(weight):
             raise cli.UsageError(f"--{flag}: {args.unlearn_method} trains on no retain set"

@@ -490,6 +490,7 @@ def test_nonfinite_loss_stops_with_one_line_and_no_folder(monkeypatch, tiny_mode
     (["--unlearn_method", "random_label_descent", "--pseudo_retain", "-1"], "--pseudo_retain"),
     (["--unlearn_method", "random_label_descent", "--kl_weight", "-1"], "--kl_weight"),
     (["--unlearn_method", "gradient_ascent_descent", "--kl_weight", "1"], "--kl_weight"),
+    (["--unlearn_method", "random_label_descent", "--kl_weight", "1", "--retain_weight", "0"], "--kl_weight"),
     (["--unlearn_method", "npo", "--npo_beta", "0"], "--npo_beta"),
     (["--unlearn_method", "gradient_ascent_kl", "--kl_topk", "-1"], "--kl_topk"),
     (["--unlearn_method", "npo", "--lr", "0"], "--lr"),
