@@ -32,7 +32,7 @@ from utils.baselines import (
 )
 from utils.kinds import load_run
 from utils.loading import load_pretrained
-from utils.augment import counterfactual_retain, forgotten_names, pseudo_labelled
+from utils.augment import counterfactual_retain, describe_pseudo, forgotten_names, pseudo_labelled
 from utils.data import prepare_splits, split_fingerprint, training_set, unused_retain
 from utils.evaluation import evaluate, format_table
 from utils.guardrails import prefix_embeddings, save_prefix
@@ -310,7 +310,7 @@ def main(argv=None):
     if spare is not None:  # the starting model's own answers, before any update
         spare, pseudo = pseudo_labelled(model, encoder, spare, args.eval_batch_size, device)
         if distributed.is_main():
-            print(f"pseudo-labelled retain rows: {pseudo['rows']} ({', '.join(f'{w} {n}' for w, n in pseudo['label_counts'].items())})")
+            print(describe_pseudo(pseudo))
     extra = [f for f in (counterfactual, spare) if f is not None]
 
     features = select_features(method, training_set(encoder, splits, args.seed, relabel_forget=method.relabel_forget,

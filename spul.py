@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from utils import cli, distributed
-from utils.augment import counterfactual_retain, forget_name_swaps, forget_name_typos, forgotten_names, pseudo_labelled
+from utils.augment import counterfactual_retain, describe_pseudo, forget_name_swaps, forget_name_typos, forgotten_names, pseudo_labelled
 from utils.data import prepare_splits, training_set, unused_retain
 from utils.evaluation import evaluate, format_table
 from utils.models import DEFAULT_MODEL, select_device
@@ -191,7 +191,7 @@ def main(argv=None):
     if spare is not None:  # the frozen model's own answers, before the prompt exists
         spare, pseudo = pseudo_labelled(source.model, encoder, spare, args.eval_batch_size, device)
         if distributed.is_main():
-            print(f"pseudo-labelled retain rows: {pseudo['rows']} ({', '.join(f'{w} {n}' for w, n in pseudo['label_counts'].items())})")
+            print(describe_pseudo(pseudo))
     row_norm = token_embedding_norm(source.model) if args.prompt_norm == "token" else None
     cache_reference = args.cache_reference and not has_dropout(source.model)
     if args.cache_reference and not cache_reference and distributed.is_main():

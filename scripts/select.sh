@@ -30,8 +30,9 @@ source "$(dirname "$0")/common.sh"
 # train 1 epoch on their own data.
 declare -A GRID_FLAGS=([random_label_descent]="--stratify_batches --counterfactual_retain 0.5 --generic_label unknown")
 declare -A GRID_EPOCHS=([random_label_descent]="1 4")
-SPUL_REST="--kl_weight=2,--pseudo_retain=128,--ema_decay=0.99"
-declare -A GRID_EXTRA=([random_label_descent]="1e-4:8 1e-4:8:$SPUL_REST 3e-5:8:$SPUL_REST 1e-4:4:$SPUL_REST 1e-4:4:${SPUL_REST/kl_weight=2/kl_weight=8}")
+SPUL_REST="--pseudo_retain=128,--ema_decay=0.99"
+declare -A GRID_EXTRA=([random_label_descent]="1e-4:8 1e-4:8:--kl_weight=2,$SPUL_REST 3e-5:8:--kl_weight=2,$SPUL_REST
+  1e-4:4:--kl_weight=2,$SPUL_REST 1e-4:4:--kl_weight=8,$SPUL_REST")
 if [ "$PROFILE" = cpu ]; then
   # every config: the names in front (--hard_prefix instruction), one generic label,
   # counterfactual copies of half the forget reviews; the grid is the training length (6, 8, 12,

@@ -203,6 +203,11 @@ def forgotten_names(forget_names, data) -> list[str]:
     return names
 
 
+def describe_pseudo(info: dict) -> str:
+    """One line for the log: the pseudo-labelled rows and their labels (``pseudo_labelled``'s summary)."""
+    return f"pseudo-labelled retain rows: {info['rows']} ({', '.join(f'{w} {n}' for w, n in info['label_counts'].items())})"
+
+
 def pseudo_labelled(model, encoder, rows: pd.DataFrame, batch_size: int, device) -> tuple[pd.DataFrame, dict]:
     """``rows`` relabelled with ``model``'s answer (eval mode, no prompt): per row the argmax over
     the task labels' first tokens at the label position. Every row is encoded with the first
